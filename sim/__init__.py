@@ -1,0 +1,1 @@
+"""Fleet simulator, demo and benchmarks. Uses only the public entry points of the other packages."""

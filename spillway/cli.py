@@ -1,0 +1,39 @@
+"""The ``spillway`` command line: one root app that mounts each package's commands.
+
+Sub-apps are imported inside their commands' registration functions only where a
+package is optional (a device has no torch), so ``spillway --help`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="spillway",
+    help="Spillway: edge-cloud inference over MQTT. Start with 'spillway demo'.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks: side by side in one run, reported as ratios.")
+app.add_typer(bench_app, name="bench")
+
+
+def _mount() -> None:
+    from cloud_controller.cli import controller_app
+    from edge_agent.cli import agent_app
+    from sim.cli import register as register_sim
+
+    app.add_typer(controller_app, name="controller")
+    app.add_typer(agent_app, name="agent")
+    register_sim(app, bench_app)
+    try:
+        from models.cli import bench_models, models_app
+    except ImportError:  # an edge-only install has no model-building tools
+        return
+    app.add_typer(models_app, name="models")
+    bench_app.command("models", help="Every model variant side by side.")(bench_models)
+
+
+def main() -> None:
+    _mount()
+    app()
