@@ -56,11 +56,14 @@ class MosquittoBroker:
         port: int | None = None,
         host: str = "127.0.0.1",
         extra_config: str = "",
+        limits: bool = True,
     ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.port = port if port is not None else free_port(host)
         self._extra_config = extra_config
+        self._limits = limits
+        """False runs mosquitto with its own defaults (used to show what the limits fix)."""
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,7 +89,7 @@ class MosquittoBroker:
                 "log_type error",
                 "log_type warning",
                 "log_type notice",
-                broker_limits(),
+                broker_limits() if self._limits else "",
                 self._extra_config,
                 "",
             ]

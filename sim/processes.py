@@ -1,0 +1,65 @@
+"""Child processes of the demo and simulator: started with their logs in files, stopped politely.
+
+Each child is a real ``spillway`` process (controller, agent) so the demo exercises
+exactly what a deployment runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class ChildProcess:
+    """A ``spillway`` subcommand run as a separate process, logging to ``log_path``."""
+
+    def __init__(self, name: str, args: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self._env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "spillway", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self._env},
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def exited(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def log_tail(self, lines: int = 5) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, *, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
