@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,7 +61,7 @@ class Hello(Envelope):
     keepalive_s: int = Field(ge=1, description="MQTT keepalive the agent connected with.")
 
 
-class DeviceStatus(str, Enum):
+class DeviceStatus(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
 
@@ -98,7 +98,7 @@ class DesiredState(Envelope):
     policy: dict[str, Any] = Field(default_factory=dict)
 
 
-class ApplyOutcome(str, Enum):
+class ApplyOutcome(StrEnum):
     APPLIED = "applied"
     FAILED = "failed"
 

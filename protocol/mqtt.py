@@ -342,7 +342,7 @@ class MqttClient:
         props = msg.properties
         inbound = InboundMessage(
             topic=msg.topic,
-            payload=msg.payload,
+            payload=bytes(msg.payload),
             qos=msg.qos,
             retain=bool(msg.retain),
             response_topic=getattr(props, "ResponseTopic", None),

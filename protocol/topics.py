@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 DEFAULT_ROOT = "spillway/v1"
 
@@ -41,7 +41,7 @@ class ChannelSpec:
     direction: str  # "up" (agent -> cloud) or "down" (cloud -> agent)
 
 
-class DeviceChannel(str, Enum):
+class DeviceChannel(StrEnum):
     """Per-device channels; the value is the last topic level."""
 
     HELLO = "hello"

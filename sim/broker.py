@@ -40,9 +40,7 @@ def mosquitto_binary() -> str:
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
     if found is None:
-        raise BrokerError(
-            "mosquitto not found: install it with 'apt-get install -y mosquitto'"
-        )
+        raise BrokerError("mosquitto not found: install it with 'apt-get install -y mosquitto'")
     return found
 
 

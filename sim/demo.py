@@ -68,8 +68,7 @@ def _poll(
             code = child.exited()
             if code is not None:
                 raise DemoError(
-                    f"{child.name} exited with {code} while waiting for {what}: "
-                    f"{child.log_tail(1)}"
+                    f"{child.name} exited with {code} while waiting for {what}: {child.log_tail(1)}"
                 )
         try:
             if check():

@@ -47,7 +47,11 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
         (b"[1, 2]", MalformedMessage, "JSON object"),
         (b'{"schema_version": 99, "device_id": "d1"}', UnsupportedVersion, "99"),
         (b'{"device_id": "d1"}', UnsupportedVersion, "None"),
-        (b'{"schema_version": 1, "device_id": "d1", "generation": 0}', MalformedMessage, "generation"),
+        (
+            b'{"schema_version": 1, "device_id": "d1", "generation": 0}',
+            MalformedMessage,
+            "generation",
+        ),
     ],
 )
 def test_bad_payloads_are_classed(payload: bytes, error: type[Exception], says: str) -> None:

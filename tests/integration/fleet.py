@@ -1,0 +1,109 @@
+"""A real fleet for end-to-end tests: controller and agents as ``spillway`` processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sim.broker import MosquittoBroker, free_port
+from sim.processes import ChildProcess
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, *, what: str) -> float:
+    """Poll until ``predicate`` holds; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class Fleet:
+    def __init__(self, broker: MosquittoBroker, work: Path) -> None:
+        self.broker = broker
+        self.work = work
+        self.http_port = free_port()
+        self.controller = ChildProcess(
+            "controller",
+            [
+                "controller",
+                "serve",
+                "--port",
+                str(self.http_port),
+                "--mqtt-port",
+                str(broker.port),
+                "--database-url",
+                f"sqlite:///{work / 'controller.db'}",
+            ],
+            log_path=work / "controller.log",
+            env={},
+        )
+        self.agents: dict[str, ChildProcess] = {}
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=5)
+
+    def start_controller(self) -> None:
+        self.controller.start()
+        wait_for(lambda: self.http.get("/readyz").status_code == 200, 60, what="controller ready")
+
+    def agent(
+        self, device_id: str, *, keepalive_s: int = 2, labels: str = "site=lab"
+    ) -> ChildProcess:
+        proc = ChildProcess(
+            device_id,
+            [
+                "agent",
+                "run",
+                "--device-id",
+                device_id,
+                "--hardware-class",
+                "jetson-orin-nx",
+                "--label",
+                labels,
+                "--mqtt-port",
+                str(self.broker.port),
+                "--state-dir",
+                str(self.work / "agents" / device_id),
+                "--keepalive-s",
+                str(keepalive_s),
+                "--heartbeat-interval-s",
+                "1",
+            ],
+            log_path=self.work / f"{device_id}.log",
+            env={},
+        )
+        self.agents[device_id] = proc
+        return proc
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/api/v1/devices/{device_id}")
+        if response.status_code == 404:
+            return {}
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def status(self, device_id: str) -> str | None:
+        return self.device(device_id).get("status")
+
+    def observed_generation(self, device_id: str) -> int | None:
+        reported = self.device(device_id).get("reported") or {}
+        return reported.get("observed_generation")
+
+    def set_policy(self, device_id: str, policy: dict[str, Any]) -> int:
+        response = self.http.put(f"/api/v1/devices/{device_id}/desired", json={"policy": policy})
+        response.raise_for_status()
+        return int(response.json()["generation"])
+
+    def close(self) -> None:
+        for proc in self.agents.values():
+            proc.stop()
+        self.controller.stop()
+        self.http.close()
