@@ -1,0 +1,183 @@
+"""The durable outbox: results and telemetry that must reach the cloud exactly once.
+
+A record is committed here (SQLite, ``synchronous=FULL``: fsync on commit) *before* the
+local caller is acknowledged, and deleted only when the controller acknowledges it at
+the application level, after its own database commit. Every record is keyed
+``(device_id, boot_epoch, seq)``; ``seq`` starts at 1 for each boot and has no gaps, so
+the controller can both drop redeliveries (UNIQUE key) and notice a hole.
+
+The outbox is bounded by bytes and by age. When it is full the explicit policy decides:
+``drop_oldest`` makes room by deleting the oldest records, ``reject_new`` refuses the new
+one with ``OutboxFull``. Everything dropped is counted (``dropped``) and logged, never
+silent. This module knows no MQTT::
+
+    OutboxError        permanent for this record
+    └── OutboxFull     the bound is reached and the policy is reject_new
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class OutboxError(RuntimeError):
+    pass
+
+
+class OutboxFull(OutboxError):
+    pass
+
+
+class FullPolicy(StrEnum):
+    DROP_OLDEST = "drop_oldest"
+    REJECT_NEW = "reject_new"
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    max_bytes: int = 64 * 1024 * 1024
+    """Payload bytes kept at most."""
+    max_age_s: float = 7 * 24 * 3600
+    """Records older than this are dropped (and counted) on the next append."""
+    policy: FullPolicy = FullPolicy.DROP_OLDEST
+
+
+@dataclass(frozen=True)
+class Record:
+    boot_epoch: int
+    seq: int
+    kind: str
+    payload: bytes
+    created_at: float
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    boot_epoch INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    kind       TEXT    NOT NULL,
+    payload    BLOB    NOT NULL,
+    created_at REAL    NOT NULL,
+    PRIMARY KEY (boot_epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class Outbox:
+    """One SQLite file per device; safe to use from several threads."""
+
+    def __init__(self, path: Path, *, boot_epoch: int, limits: OutboxLimits) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._boot_epoch = boot_epoch
+        self._limits = limits
+        row = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE boot_epoch = ?", (boot_epoch,)
+        ).fetchone()
+        self._next_seq = int(row[0]) + 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def dropped(self) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        return int(row[0]) if row else 0
+
+    def size(self) -> tuple[int, int]:
+        """(records, payload bytes) waiting."""
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")
+        count, size = row.fetchone()
+        return int(count), int(size)
+
+    def append(self, kind: str, payload: bytes, *, now: float) -> Record:
+        """Commit one record durably and return it with its key."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._expire(now)
+                self._make_room(len(payload))
+                record = Record(self._boot_epoch, self._next_seq, kind, payload, now)
+                self._db.execute(
+                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+                    (record.boot_epoch, record.seq, kind, payload, now),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._next_seq += 1
+            return record
+
+    def pending(self, *, limit: int = 100) -> list[Record]:
+        """Oldest first."""
+        rows = self._db.execute(
+            "SELECT boot_epoch, seq, kind, payload, created_at FROM outbox "
+            "ORDER BY boot_epoch, seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [Record(int(b), int(s), str(k), bytes(p), float(c)) for b, s, k, p, c in rows]
+
+    def ack(self, boot_epoch: int, seqs: list[int]) -> int:
+        """Delete acknowledged records; returns how many were still here."""
+        with self._lock:
+            cur = self._db.executemany(
+                "DELETE FROM outbox WHERE boot_epoch = ? AND seq = ?",
+                [(boot_epoch, s) for s in seqs],
+            )
+            return int(cur.rowcount)
+
+    # -- bounds (called inside the append transaction) -----------------------------
+
+    def _count_dropped(self, n: int, why: str) -> None:
+        if n <= 0:
+            return
+        self._db.execute(
+            "INSERT INTO counters VALUES ('dropped', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (n,),
+        )
+        logger.warning("outbox dropped records", extra={"dropped": n, "why": why})
+
+    def _expire(self, now: float) -> None:
+        cur = self._db.execute(
+            "DELETE FROM outbox WHERE created_at < ?", (now - self._limits.max_age_s,)
+        )
+        self._count_dropped(cur.rowcount, "max_age_s")
+
+    def _make_room(self, incoming: int) -> None:
+        if incoming > self._limits.max_bytes:
+            raise OutboxFull(f"record of {incoming} bytes exceeds max_bytes")
+        (used,) = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+        ).fetchone()
+        excess = int(used) + incoming - self._limits.max_bytes
+        if excess <= 0:
+            return
+        if self._limits.policy is FullPolicy.REJECT_NEW:
+            raise OutboxFull(
+                f"outbox holds {used} of {self._limits.max_bytes} bytes; policy reject_new"
+            )
+        freed = dropped = 0
+        for boot, seq, size in self._db.execute(
+            "SELECT boot_epoch, seq, LENGTH(payload) FROM outbox ORDER BY boot_epoch, seq"
+        ).fetchall():
+            if freed >= excess:
+                break
+            self._db.execute("DELETE FROM outbox WHERE boot_epoch = ? AND seq = ?", (boot, seq))
+            freed += int(size)
+            dropped += 1
+        self._count_dropped(dropped, "max_bytes")
