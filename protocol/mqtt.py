@@ -111,7 +111,7 @@ class BrokerClient(Protocol):
 
 
 def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Callable[[int], float]:
-    """Full-jitter exponential backoff: attempt n waits U(0, min(max, initial * 2**n))."""
+    """Jittered exponential backoff: attempt n waits U(initial/2, min(max, initial * 2**n))."""
 
     def delay(attempt: int) -> float:
         cap = min(max_s, initial_s * (2 ** min(attempt, 30)))

@@ -1,0 +1,282 @@
+"""The edge agent process: wires state, MQTT, reconcile and the periodic loops together.
+
+``Agent.start()`` bumps the persisted boot epoch, opens one ``MqttClient`` (client id =
+device id, persistent session, retained offline Will), subscribes to the device's desired
+topic and starts the heartbeat and telemetry loops. After every CONNACK a connect hook
+sends ``Hello``, a retained ``Presence(online)`` and re-reports the current state.
+``Agent.stop()`` publishes ``Presence(offline, "shutdown")`` and disconnects cleanly.
+
+An unreachable broker is not an error here: the client keeps retrying with backoff while
+the device keeps its applied state; signals and process exit codes belong to ``cli``.
+This module must not know the controller, the simulator or the CLI root.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent import presence
+from edge_agent.clock import Clock, SystemClock
+from edge_agent.periodic import PeriodicTask
+from edge_agent.probe import HostProbe, SystemProbe, agent_version
+from edge_agent.reconcile import JsonPolicyApplier, PolicyApplier, Reconciler
+from edge_agent.settings import EdgeSettings
+from edge_agent.state import AppliedState, StateStore
+from edge_agent.telemetry import HeartbeatSender, TelemetrySender
+from protocol.codec import RejectCounter, encode
+from protocol.messages import RuntimeCapabilities
+from protocol.mqtt import MqttClient, MqttError
+from protocol.topics import DeviceChannel, Topics
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_PUBACK_WAIT_S = 3.0
+"""How long a graceful stop waits for the broker to acknowledge the offline presence."""
+
+
+@dataclass
+class _Running:
+    """Everything that exists only between ``start()`` and ``stop()``."""
+
+    boot_epoch: int
+    capabilities: RuntimeCapabilities
+    agent_version: str
+    client: MqttClient
+    reconciler: Reconciler
+    heartbeats: HeartbeatSender
+    telemetry: TelemetrySender
+    tasks: list[PeriodicTask]
+
+
+class AgentStateError(RuntimeError):
+    """The agent was used out of order (stopped before start, started twice)."""
+
+
+class Agent:
+    """One device's agent. ``start()`` once, ``stop()`` once."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        *,
+        clock: Clock | None = None,
+        applier: PolicyApplier | None = None,
+        probe: SystemProbe | None = None,
+        on_applied: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._clock: Clock = clock or SystemClock()
+        self._applier: PolicyApplier = applier or JsonPolicyApplier()
+        self._probe = probe
+        self._on_applied = on_applied
+        self._topics = Topics(settings.topic_root)
+        self.rejects = RejectCounter()
+        """Dropped inbound messages by (channel, reason)."""
+        self._run: _Running | None = None
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bump the boot epoch and go online (or keep trying to); returns at once."""
+        if self._run is not None or self._stopped:
+            raise AgentStateError("an Agent is started once; make a new one to restart")
+        settings = self.settings
+        device_id = settings.device_id
+        store = StateStore(settings.state_dir)
+        boot_epoch = store.next_boot_epoch()
+        started = self._clock.monotonic()
+        probe = self._probe or HostProbe()
+        capabilities = probe.capabilities()
+        will = presence.last_will(
+            device_id, topics=self._topics, boot_epoch=boot_epoch, clock=self._clock
+        )
+        client = MqttClient(settings.mqtt(), will=will)
+        reconciler = Reconciler(
+            device_id=device_id,
+            topics=self._topics,
+            store=store,
+            publisher=client,
+            boot_epoch=boot_epoch,
+            clock=self._clock,
+            applier=self._applier,
+            rejects=self.rejects,
+            on_applied=self._on_applied,
+        )
+        heartbeats = HeartbeatSender(
+            device_id=device_id,
+            topics=self._topics,
+            publisher=client,
+            boot_epoch=boot_epoch,
+            clock=self._clock,
+            started_monotonic=started,
+        )
+        telemetry = TelemetrySender(
+            device_id=device_id,
+            topics=self._topics,
+            publisher=client,
+            boot_epoch=boot_epoch,
+            clock=self._clock,
+            probe=probe,
+            agent_metrics=self._counter_metrics,
+        )
+        tasks = [
+            PeriodicTask(
+                "heartbeat",
+                heartbeats.beat,
+                interval_s=settings.heartbeat_interval_s,
+                clock=self._clock,
+            ),
+            PeriodicTask(
+                "telemetry",
+                telemetry.report,
+                interval_s=settings.telemetry_interval_s,
+                clock=self._clock,
+            ),
+        ]
+        self._run = _Running(
+            boot_epoch,
+            capabilities,
+            agent_version(),
+            client,
+            reconciler,
+            heartbeats,
+            telemetry,
+            tasks,
+        )
+        desired = DeviceChannel.DESIRED
+        client.subscribe(
+            self._topics.device(device_id, desired), reconciler.on_message, qos=desired.spec.qos
+        )
+        client.add_connect_hook(self._on_connect)
+        reconciler.start()
+        client.start()
+        for task in tasks:
+            task.start()
+        logger.info(
+            "agent started",
+            extra={
+                "device_id": device_id,
+                "boot_epoch": boot_epoch,
+                "applied_generation": reconciler.state.generation,
+                "broker": f"{settings.mqtt_host}:{settings.mqtt_port}",
+            },
+        )
+
+    def stop(self) -> None:
+        """Stop the loops, say ``offline/shutdown`` (retained) and disconnect cleanly."""
+        run = self._run
+        if run is None or self._stopped:
+            return
+        self._stopped = True  # the run stays inspectable (counters, applied generations)
+        for task in run.tasks:
+            task.stop()
+        run.reconciler.stop()
+
+        def say_goodbye() -> None:
+            message = presence.shutdown(
+                self.settings.device_id, boot_epoch=run.boot_epoch, clock=self._clock
+            )
+            self._publish(
+                run.client, DeviceChannel.STATUS, encode(message), wait_s=SHUTDOWN_PUBACK_WAIT_S
+            )
+
+        run.client.stop(before_disconnect=say_goodbye)
+        logger.info("agent stopped", extra={"boot_epoch": run.boot_epoch})
+
+    def run_forever(self, stop: threading.Event, *, poll_s: float = 0.5) -> None:
+        """Start if needed, block until ``stop`` is set (signal handlers set it), then stop."""
+        if self._run is None:
+            self.start()
+        try:
+            while not stop.wait(poll_s):
+                pass
+        finally:
+            self.stop()
+
+    # -- inspection --------------------------------------------------------------------
+
+    @property
+    def boot_epoch(self) -> int:
+        return self._running().boot_epoch
+
+    @property
+    def is_connected(self) -> bool:
+        return self._run is not None and not self._stopped and self._run.client.is_connected
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._running().client.wait_connected(timeout_s)
+
+    @property
+    def applied_state(self) -> AppliedState:
+        return self._running().reconciler.state
+
+    @property
+    def applied_generations(self) -> list[int]:
+        """Generations this Agent applied, in order; never holds one twice."""
+        return self._running().reconciler.applied_generations
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters: heartbeats, telemetry, reconcile outcomes, rejects, connects."""
+        run = self._running()
+        counts: dict[str, int] = {
+            "heartbeats_sent": run.heartbeats.sent,
+            "heartbeats_skipped": run.heartbeats.skipped,
+            "telemetry_sent": run.telemetry.sent,
+            "telemetry_skipped": run.telemetry.skipped,
+            "mqtt_connects": run.client.connects,
+            "mqtt_handler_errors": run.client.handler_errors,
+        }
+        counts.update({f"desired_{k}": v for k, v in run.reconciler.counters().items()})
+        rejected = 0
+        for (channel, reason), count in sorted(self.rejects.snapshot().items()):
+            counts[f"{channel}_rejected_{reason}"] = count
+            rejected += count
+        counts["rejected"] = rejected
+        return counts
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _running(self) -> _Running:
+        if self._run is None:
+            raise AgentStateError("the agent was never started")
+        return self._run
+
+    def _counter_metrics(self) -> dict[str, float]:
+        return {f"{name}_total": float(value) for name, value in self.counters().items()}
+
+    def _on_connect(self, session_present: bool) -> None:
+        """Runs on the MQTT network thread after every CONNACK: must not wait for acks."""
+        run = self._run
+        if run is None or self._stopped:
+            return
+        device_id = self.settings.device_id
+        hello = presence.hello(
+            self.settings,
+            capabilities=run.capabilities,
+            agent_version=run.agent_version,
+            boot_epoch=run.boot_epoch,
+            clock=self._clock,
+        )
+        self._publish(run.client, DeviceChannel.HELLO, encode(hello))
+        online = presence.online(device_id, boot_epoch=run.boot_epoch, clock=self._clock)
+        self._publish(run.client, DeviceChannel.STATUS, encode(online))
+        run.reconciler.request_report()
+
+    def _publish(
+        self,
+        client: MqttClient,
+        channel: DeviceChannel,
+        payload: bytes,
+        *,
+        wait_s: float | None = None,
+    ) -> None:
+        spec = channel.spec
+        topic = self._topics.device(self.settings.device_id, channel)
+        try:
+            client.publish(topic, payload, qos=spec.qos, retain=spec.retain, wait_s=wait_s)
+        except MqttError as exc:
+            logger.warning("%s not published: %s", channel.value, exc)

@@ -1,0 +1,91 @@
+"""The agent's start-up checks, in the order the CLI runs them.
+
+Fatal (one line ``spillway agent: <problem>`` on stderr, exit 2, no traceback): required
+packages missing, settings invalid, ``state_dir`` not writable, state files corrupt.
+
+Not fatal: an unreachable broker. A device must keep serving with the state it has
+applied and reconnect when the network comes back (a Jetson on a flaky uplink boots
+before its Wi-Fi does), so ``warn_if_broker_unreachable`` logs one warning line and the
+MQTT client keeps retrying with capped, jittered backoff.
+
+Only the standard library is imported at module level: the package check must run
+before anything imports paho or pydantic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spillway.preflight import Check, PreflightError, packages_present, tcp_reachable
+
+if TYPE_CHECKING:
+    from edge_agent.settings import EdgeSettings
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_MODULES = ("paho.mqtt", "pydantic", "pydantic_settings", "psutil")
+
+
+def required_packages() -> Check:
+    return packages_present(*REQUIRED_MODULES, extra="edge")
+
+
+def load_settings(overrides: dict[str, Any]) -> EdgeSettings:
+    """``EdgeSettings`` from ``overrides`` and the environment, or one-line PreflightError."""
+    from pydantic import ValidationError
+
+    from edge_agent.settings import EdgeSettings
+
+    try:
+        return EdgeSettings(**overrides)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # Without a device id there is no default state_dir either; name the cause only.
+        causes = [e for e in errors if e["loc"] != ("state_dir",) or len(errors) == 1]
+        first = causes[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        hint = ""
+        if first["type"] == "missing":
+            hint = f" (pass --{where.replace('_', '-')} or set SPILLWAY_EDGE_{where.upper()})"
+        more = f" (+{len(causes) - 1} more)" if len(causes) > 1 else ""
+        raise PreflightError(f"invalid setting {where}: {first['msg']}{hint}{more}") from exc
+
+
+def state_dir_writable(state_dir: Path) -> Check:
+    """The state directory exists (or can be made) and a file in it can be written+fsynced."""
+
+    def check() -> None:
+        probe = state_dir / f".write-check-{uuid.uuid4().hex}"
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise PreflightError(
+                f"state dir {state_dir} is not writable ({exc.strerror or exc}); "
+                "pass a writable --state-dir"
+            ) from exc
+
+    return check
+
+
+def warn_if_broker_unreachable(settings: EdgeSettings, *, timeout_s: float = 2.0) -> bool:
+    """Log one warning if the broker does not accept TCP now; never raises. True if reachable."""
+    check = tcp_reachable(
+        settings.mqtt_host, settings.mqtt_port, what="broker", timeout_s=timeout_s
+    )
+    try:
+        check()
+    except PreflightError as exc:
+        logger.warning("%s; running offline and retrying in the background", exc)
+        return False
+    return True

@@ -1,0 +1,270 @@
+"""Helpers for the agent's tests: fake clock, recording publisher, a "cloud" client,
+agent subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent import Agent
+from edge_agent.settings import EdgeSettings
+from protocol.codec import decode, encode
+from protocol.messages import (
+    DesiredState,
+    Envelope,
+    Heartbeat,
+    Hello,
+    Presence,
+    ReportedState,
+    Telemetry,
+)
+from protocol.mqtt import InboundMessage, MqttClient, MqttSettings, NotConnected
+from protocol.topics import DeviceChannel, QoS, Topics
+from sim.broker import MosquittoBroker
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KEEPALIVE_S = 2
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, *, what: str = "") -> None:
+    """Poll ``predicate`` (truthy = done) every 20 ms; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    if not predicate():
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+
+
+# -- virtual time ------------------------------------------------------------------
+
+
+class FakeClock:
+    """Virtual time: ``wait`` advances it instantly; past ``limit`` it blocks until stopped."""
+
+    def __init__(self, *, limit_s: float | None = None) -> None:
+        self.t = 0.0
+        self.limit_s = limit_s
+        self.waits: list[float] = []
+        self._lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self.t
+
+    def now(self) -> datetime:
+        return datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=self.monotonic())
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.t += seconds
+
+    def wait(self, stop: threading.Event, timeout_s: float) -> bool:
+        with self._lock:
+            self.waits.append(timeout_s)
+            target = self.t + max(0.0, timeout_s)
+            frozen = self.limit_s is not None and target > self.limit_s
+            if not frozen:
+                self.t = target
+        if frozen:
+            stop.wait(10)
+            return True
+        return stop.is_set()
+
+
+# -- a publisher that records ------------------------------------------------------
+
+
+@dataclass
+class RecordingPublisher:
+    """A ``BrokerClient`` in memory; ``connected=False`` makes QoS 0 raise like the adapter."""
+
+    connected: bool = True
+    sent: list[tuple[str, bytes, QoS, bool]] = field(default_factory=list)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: QoS,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        wait_s: float | None = None,
+    ) -> None:
+        if not self.connected and qos == QoS.AT_MOST_ONCE:
+            raise NotConnected("not connected")
+        self.sent.append((topic, payload, qos, retain))
+
+    def subscribe(
+        self, topic_filter: str, handler: Callable[[InboundMessage], None], *, qos: QoS
+    ) -> None:
+        raise NotImplementedError
+
+    def on(self, topic_suffix: str) -> list[bytes]:
+        return [p for t, p, _, _ in self.sent if t.endswith(topic_suffix)]
+
+
+# -- the "cloud" side --------------------------------------------------------------
+
+_MODELS: dict[DeviceChannel, type[Envelope]] = {
+    DeviceChannel.HELLO: Hello,
+    DeviceChannel.STATUS: Presence,
+    DeviceChannel.HEARTBEAT: Heartbeat,
+    DeviceChannel.TELEMETRY: Telemetry,
+    DeviceChannel.REPORTED: ReportedState,
+}
+
+
+class Cloud:
+    """Plays the controller with the real adapter: records every upstream message."""
+
+    def __init__(self, broker: MosquittoBroker, *, topics: Topics | None = None) -> None:
+        self.topics = topics or Topics()
+        self.client = MqttClient(
+            MqttSettings(
+                host=broker.host,
+                port=broker.port,
+                client_id=f"cloud-{uuid.uuid4().hex[:8]}",
+                keepalive_s=5,
+                backoff_initial_s=0.05,
+                backoff_max_s=0.5,
+            )
+        )
+        self._lock = threading.Lock()
+        self._seen: list[tuple[str, DeviceChannel, Any]] = []
+        for channel in _MODELS:
+            self.client.subscribe(
+                self.topics.all_devices(channel), self._record, qos=QoS.AT_LEAST_ONCE
+            )
+        self.client.start()
+        assert self.client.wait_connected(10), "cloud client did not connect"
+        time.sleep(0.1)  # let the SUBACKs land before agents start talking
+
+    def _record(self, msg: InboundMessage) -> None:
+        parsed = self.topics.parse_device(msg.topic)
+        message = decode(msg.payload, _MODELS[parsed.channel])
+        with self._lock:
+            self._seen.append((parsed.device_id, parsed.channel, message))
+
+    def seen(self, device_id: str, channel: DeviceChannel) -> list[Any]:
+        with self._lock:
+            return [m for d, c, m in self._seen if d == device_id and c == channel]
+
+    def reports(self, device_id: str) -> list[ReportedState]:
+        return self.seen(device_id, DeviceChannel.REPORTED)
+
+    def publish_desired(
+        self, device_id: str, generation: int, policy: dict[str, Any] | None = None
+    ) -> None:
+        message = DesiredState(device_id=device_id, generation=generation, policy=policy or {})
+        self.publish_raw(device_id, encode(message))
+
+    def publish_raw(self, device_id: str, payload: bytes) -> None:
+        spec = DeviceChannel.DESIRED.spec
+        self.client.publish(
+            self.topics.device(device_id, DeviceChannel.DESIRED),
+            payload,
+            qos=spec.qos,
+            retain=spec.retain,
+            wait_s=10,
+        )
+
+    def close(self) -> None:
+        self.client.stop()
+
+
+def read_retained(broker: MosquittoBroker, topic: str, *, timeout_s: float = 5.0) -> bytes | None:
+    """The retained payload on ``topic`` as a fresh subscriber sees it (None if none)."""
+    got: list[bytes] = []
+    client = MqttClient(
+        MqttSettings(host=broker.host, port=broker.port, client_id=f"peek-{uuid.uuid4().hex[:8]}")
+    )
+    client.subscribe(topic, lambda m: got.append(m.payload) if m.retain else None, qos=QoS(1))
+    client.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        client.stop()
+    return got[0] if got else None
+
+
+def retained_presence(broker: MosquittoBroker, device_id: str) -> Presence | None:
+    payload = read_retained(broker, Topics().device(device_id, DeviceChannel.STATUS), timeout_s=1)
+    return None if payload is None else decode(payload, Presence)
+
+
+# -- agents ------------------------------------------------------------------------
+
+
+def edge_settings(broker: MosquittoBroker, state_dir: Path, **overrides: Any) -> EdgeSettings:
+    values: dict[str, Any] = {
+        "device_id": "dev-1",
+        "mqtt_host": broker.host,
+        "mqtt_port": broker.port,
+        "state_dir": state_dir,
+        "keepalive_s": KEEPALIVE_S,
+        "heartbeat_interval_s": 0.2,
+        "telemetry_interval_s": 0.3,
+        "reconnect_backoff_max_s": 0.5,
+        "labels": {"site": "lab"},
+    }
+    values.update(overrides)
+    return EdgeSettings(**values)
+
+
+AgentFactory = Callable[..., Agent]
+
+
+class AgentProcess:
+    """``python -m edge_agent`` as a child process, logging to a file."""
+
+    def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent", *self.args],
+                stdout=log,
+                stderr=log,
+                cwd=REPO_ROOT,
+                env={**os.environ, **self.env},
+            )
+
+    def signal(self, signum: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float = 15.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+ProcessFactory = Callable[..., AgentProcess]
