@@ -207,6 +207,12 @@ class MqttClient:
     # -- messaging -------------------------------------------------------------------
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: QoS) -> None:
+        """Route messages matching ``topic_filter`` to ``handler`` (on the network thread).
+
+        The SUBSCRIBE is sent now if connected, and again after every CONNACK. Note that
+        ``wait_connected`` returns before the SUBACK: a message published by someone else
+        right after it may still miss this subscriber (retained messages do not).
+        """
         with self._lock:
             self._subscriptions[topic_filter] = (handler, qos)
         if self._connected.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -15,6 +16,16 @@ from sim.broker import MosquittoBroker
 POSTGRES_HOST = os.environ.get("SPILLWAY_TEST_PG_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("SPILLWAY_TEST_PG_PORT", "5432"))
 POSTGRES_ADMIN_URL = f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/postgres"
+
+
+@pytest.fixture(autouse=True)
+def _keep_root_logging() -> Iterator[None]:
+    """CLI entry points reconfigure the root logger; give every test the handlers back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

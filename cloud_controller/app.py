@@ -1,0 +1,91 @@
+"""The controller's FastAPI app factory.
+
+``create_app(settings)`` builds an app whose lifespan creates the engine, migrates the
+schema to head, starts the MQTT bridge and stops it again; nothing is built at import
+time. Domain errors become HTTP statuses here and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
+
+from cloud_controller import devices_api, health_api, queries
+from cloud_controller.bridge import Bridge
+from cloud_controller.clock import Clock, system_clock
+from cloud_controller.database import DatabaseError, make_engine, migrate, one_line
+from cloud_controller.errors import DesiredNotPublished, DeviceNotFound
+from cloud_controller.metrics import ControllerMetrics
+from cloud_controller.runtime import Runtime
+from cloud_controller.settings import CloudSettings
+from protocol.messages import DeviceStatus
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastAPI:
+    """A controller app; ``clock`` is where staleness and timestamps take "now" from."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        try:
+            migrate(engine)
+            metrics = ControllerMetrics()
+            bridge = Bridge(settings=settings, engine=engine, metrics=metrics, clock=clock)
+
+            def devices_by_status() -> dict[DeviceStatus, int]:
+                with Session(engine) as session:
+                    return queries.count_by_status(session)
+
+            metrics.watch(
+                devices_by_status=devices_by_status,
+                mqtt_connected=lambda: bridge.is_connected,
+                ingest_pending=lambda: bridge.pending,
+            )
+            app.state.runtime = Runtime(
+                settings=settings, engine=engine, bridge=bridge, metrics=metrics, clock=clock
+            )
+            bridge.start()
+            logger.info(
+                "controller started",
+                extra={"mqtt": f"{settings.mqtt_host}:{settings.mqtt_port}"},
+            )
+            try:
+                yield
+            finally:
+                bridge.stop()
+                logger.info("controller stopped")
+        finally:
+            engine.dispose()
+
+    app = FastAPI(title="Spillway controller", version="1", lifespan=lifespan)
+    app.include_router(devices_api.router)
+    app.include_router(health_api.router)
+    _map_errors(app)
+    return app
+
+
+def _map_errors(app: FastAPI) -> None:
+    @app.exception_handler(DeviceNotFound)
+    async def not_found(request: Request, exc: DeviceNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(DesiredNotPublished)
+    async def not_published(request: Request, exc: DesiredNotPublished) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "generation": exc.generation}, status_code=503)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_failed(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        logger.error("database error", extra={"path": request.url.path, "error": one_line(exc)})
+        return JSONResponse({"detail": f"database unavailable: {one_line(exc)}"}, status_code=503)
+
+    @app.exception_handler(DatabaseError)
+    async def database_down(request: Request, exc: DatabaseError) -> JSONResponse:
+        return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)

@@ -1,0 +1,341 @@
+"""The MQTT side of the controller: devices in, desired state out.
+
+One ``MqttClient`` (client id from the settings) subscribes to the hello, status,
+heartbeat, telemetry and reported channels of every device. Each payload is decoded with
+``protocol.codec.decode`` into its model; the device id in the topic must equal the
+payload's; what fails is logged and counted (``RejectCounter`` and
+``spillway_mqtt_rejected_total{channel,reason}``), and no exception ever leaves a handler.
+
+Accepted messages go, with the time they arrived, onto a bounded queue that one worker
+thread applies through ``ingest`` in short sessions, in arrival order. The worker is the
+only writer of device records, so they need no locking; paho's network thread never
+waits for the database; and while the database is briefly away (a restart, a failover)
+the worker retries a message for up to ``ingest_retry_s`` instead of dropping it.
+
+The bridge owns each device's desired state on the wire: ``set_desired`` commits the next
+generation and then publishes it retained, QoS 1; every (re)connect republishes every
+device's current desired state, so a broker that lost its retained messages gets them back.
+
+It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlmodel import Session
+
+from cloud_controller import desired, ingest
+from cloud_controller.clock import Clock
+from cloud_controller.database import one_line
+from cloud_controller.entities import DeviceDesired
+from cloud_controller.errors import DesiredNotPublished
+from cloud_controller.metrics import ControllerMetrics
+from cloud_controller.settings import CloudSettings
+from protocol.codec import DecodeError, RejectCounter, decode, encode
+from protocol.messages import (
+    DesiredState,
+    Envelope,
+    Heartbeat,
+    Hello,
+    Presence,
+    ReportedState,
+    Telemetry,
+)
+from protocol.mqtt import InboundMessage, MqttClient, MqttError
+from protocol.topics import DeviceChannel, InvalidTopic, Topics
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[DeviceChannel, type[Envelope]] = {
+    DeviceChannel.HELLO: Hello,
+    DeviceChannel.STATUS: Presence,
+    DeviceChannel.HEARTBEAT: Heartbeat,
+    DeviceChannel.TELEMETRY: Telemetry,
+    DeviceChannel.REPORTED: ReportedState,
+}
+"""The channels the controller listens to, and what each carries."""
+
+Applier = Callable[[Session, Any, datetime], ingest.Ingested]
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A decoded, checked message waiting for the database."""
+
+    channel: DeviceChannel
+    message: Envelope
+    topic: str
+    received_at: datetime
+
+
+class Bridge:
+    """Connects the broker to the database. Start once; safe to call from any thread."""
+
+    def __init__(
+        self,
+        *,
+        settings: CloudSettings,
+        engine: Engine,
+        metrics: ControllerMetrics,
+        clock: Clock,
+        client: MqttClient | None = None,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._metrics = metrics
+        self._clock = clock
+        self._topics = Topics(settings.topic_root)
+        self._client = client if client is not None else MqttClient(settings.mqtt())
+        self._desired_lock = threading.Lock()
+        """Orders "commit generation, publish it" against itself and the republish hook,
+        so the retained message is always the newest generation."""
+        self.rejects = RejectCounter()
+        keep = settings.telemetry_history
+        self._appliers: dict[DeviceChannel, Applier] = {
+            DeviceChannel.HELLO: lambda s, m, now: ingest.register(s, m, now=now),
+            DeviceChannel.STATUS: lambda s, m, now: ingest.apply_presence(s, m, now=now),
+            DeviceChannel.HEARTBEAT: lambda s, m, now: ingest.record_heartbeat(s, m, now=now),
+            DeviceChannel.TELEMETRY: lambda s, m, now: ingest.record_telemetry(
+                s, m, now=now, keep=keep
+            ),
+            DeviceChannel.REPORTED: lambda s, m, now: ingest.record_reported(s, m, now=now),
+        }
+        self._queue: queue.Queue[_Accepted | None] = queue.Queue(settings.ingest_queue_max)
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._pending = 0
+        """Messages queued or being applied."""
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe and start connecting in the background (does not wait)."""
+        self._worker = threading.Thread(target=self._drain, name="controller-ingest", daemon=True)
+        self._worker.start()
+        self._client.add_connect_hook(self._on_connect)
+        for channel in _MODELS:
+            self._client.subscribe(
+                self._topics.all_devices(channel), self.handle, qos=channel.spec.qos
+            )
+        self._client.start()
+
+    def stop(self, *, drain_timeout_s: float = 10.0) -> None:
+        """Disconnect, then let the worker apply what is queued (up to ``drain_timeout_s``)."""
+        self._client.stop()
+        if self._worker is not None:
+            self._queue.put(None)  # blocks only while the queue is full: the worker drains it
+            self._worker.join(timeout=drain_timeout_s)
+            self._stopping.set()  # shortens a retry in progress
+            self._worker.join(timeout=5)
+            self._worker = None
+
+    @property
+    def pending(self) -> int:
+        """Accepted messages not yet applied to the database."""
+        with self._idle:
+            return self._pending
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once every message received so far has been applied (for tests, shutdown)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client.is_connected
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._client.wait_connected(timeout_s)
+
+    # -- inbound -----------------------------------------------------------------------
+
+    def handle(self, message: InboundMessage) -> None:
+        """Decode, check and apply one inbound message. Never raises."""
+        channel_label = "unknown"
+        try:
+            try:
+                parsed = self._topics.parse_device(message.topic)
+            except InvalidTopic as exc:
+                self._reject(channel_label, "invalid_topic", str(exc), message.topic)
+                return
+            channel_label = parsed.channel.value
+            model = _MODELS.get(parsed.channel)
+            if model is None:
+                self._reject(channel_label, "unexpected_channel", "", message.topic)
+                return
+            if not message.payload and parsed.channel.spec.retain:
+                # A zero-length retained message is how a retained message is deleted; live
+                # subscribers get it too (with the retain flag off).
+                self._metrics.ignored.labels(channel_label, "cleared").inc()
+                return
+            try:
+                decoded = decode(message.payload, model, max_bytes=self._settings.max_payload_bytes)
+            except DecodeError as exc:
+                self._reject(channel_label, exc.reason, str(exc), message.topic)
+                return
+            if decoded.device_id != parsed.device_id:
+                self._reject(
+                    channel_label,
+                    "device_mismatch",
+                    f"payload device_id {decoded.device_id!r} on the topic of {parsed.device_id!r}",
+                    message.topic,
+                )
+                return
+            accepted = _Accepted(parsed.channel, decoded, message.topic, self._clock())
+            with self._idle:
+                self._pending += 1
+            try:
+                self._queue.put_nowait(accepted)
+            except queue.Full:
+                self._done()
+                self._reject(
+                    channel_label,
+                    "queue_full",
+                    f"{self._settings.ingest_queue_max} messages wait for the database",
+                    message.topic,
+                )
+        except Exception as exc:  # the last line of defence: the bridge must keep working
+            logger.exception("unexpected error handling %s", message.topic)
+            self._reject(channel_label, "internal_error", repr(exc), message.topic)
+
+    def _drain(self) -> None:
+        """The worker: apply queued messages in order until the ``None`` sentinel."""
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._apply(item)
+            except Exception as exc:  # never let the worker die
+                logger.exception("unexpected error applying a message")
+                if item is not None:
+                    self._reject(item.channel.value, "internal_error", repr(exc), item.topic)
+            finally:
+                if item is not None:
+                    self._done()
+
+    def _done(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.notify_all()
+
+    def _apply(self, item: _Accepted) -> None:
+        """Apply one message, retrying while the database cannot be reached."""
+        channel, message, topic = item.channel, item.message, item.topic
+        budget_left_s = self._retry_budget()
+        attempt = 0
+        while True:
+            try:
+                with Session(self._engine, expire_on_commit=False) as session:
+                    outcome = self._appliers[channel](session, message, item.received_at)
+                break
+            except DBAPIError as exc:
+                # Connection trouble is worth waiting out; anything else will not improve.
+                temporary = exc.connection_invalidated or isinstance(
+                    exc, OperationalError | InterfaceError
+                )
+                delay = min(2.0, 0.05 * 2**attempt)
+                if temporary and not self._stopping.is_set() and budget_left_s() > delay:
+                    if attempt == 0:
+                        logger.warning(
+                            "database refused a message; retrying",
+                            extra={"topic": topic, "error": one_line(exc)},
+                        )
+                    attempt += 1
+                    self._stopping.wait(delay)
+                    continue
+                self._storage_failed(channel, message, topic, exc)
+                return
+            except SQLAlchemyError as exc:
+                self._storage_failed(channel, message, topic, exc)
+                return
+        if outcome is ingest.Ingested.APPLIED:
+            self._metrics.ingested.labels(channel.value).inc()
+        else:
+            self._metrics.ignored.labels(channel.value, outcome.value).inc()
+            logger.info(
+                "ignored inbound message",
+                extra={"topic": topic, "device_id": message.device_id, "reason": outcome.value},
+            )
+
+    def _retry_budget(self) -> Callable[[], float]:
+        """Seconds left to retry the current message."""
+        start = time.monotonic()
+        return lambda: self._settings.ingest_retry_s - (time.monotonic() - start)
+
+    def _storage_failed(
+        self, channel: DeviceChannel, message: Envelope, topic: str, exc: SQLAlchemyError
+    ) -> None:
+        logger.error(
+            "could not store message",
+            extra={"topic": topic, "device_id": message.device_id, "error": one_line(exc)},
+        )
+        self._reject(channel.value, "storage_error", one_line(exc), topic)
+
+    def _reject(self, channel: str, reason: str, detail: str, topic: str) -> None:
+        self.rejects.reject(channel, reason, detail, topic=topic)
+        self._metrics.rejected.labels(channel, reason).inc()
+
+    # -- desired state -----------------------------------------------------------------
+
+    def set_desired(self, device_id: str, policy: dict[str, Any]) -> int:
+        """Store ``policy`` as the device's next generation, publish it; return the generation.
+
+        Raises ``DeviceNotFound``, ``DatabaseError``-class SQLAlchemy errors, or
+        ``DesiredNotPublished`` when the broker client refused the message (it is stored,
+        and republished on the next connect).
+        """
+        with self._desired_lock:
+            with Session(self._engine, expire_on_commit=False) as session:
+                row = desired.bump(session, device_id, policy, now=self._clock())
+            try:
+                self._publish_desired(row)
+            except MqttError as exc:
+                raise DesiredNotPublished(device_id, row.generation, str(exc)) from exc
+        logger.info(
+            "desired state set", extra={"device_id": device_id, "generation": row.generation}
+        )
+        return row.generation
+
+    def _publish_desired(self, row: DeviceDesired) -> None:
+        """Hand the retained QoS 1 message to paho; never waits (hooks call this too)."""
+        message: BaseModel = DesiredState(
+            device_id=row.device_id, generation=row.generation, policy=row.policy
+        )
+        spec = DeviceChannel.DESIRED.spec
+        self._client.publish(
+            self._topics.device(row.device_id, DeviceChannel.DESIRED),
+            encode(message),
+            qos=spec.qos,
+            retain=spec.retain,
+        )
+        self._metrics.desired_published.inc()
+
+    def _on_connect(self, session_present: bool) -> None:
+        """Connect hook (network thread): count, then republish every desired state."""
+        self._metrics.connects.inc()
+        if self._client.connects > 1:
+            self._metrics.reconnects.inc()
+        try:
+            with self._desired_lock:
+                with Session(self._engine, expire_on_commit=False) as session:
+                    rows = desired.current_all(session)
+                for row in rows:
+                    self._publish_desired(row)
+        except (SQLAlchemyError, MqttError) as exc:
+            logger.error("republishing desired state failed: %s", one_line(exc))
+            return
+        logger.info("republished desired state", extra={"devices": len(rows)})

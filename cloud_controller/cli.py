@@ -1,0 +1,144 @@
+"""``spillway controller ...``: serve the controller, or migrate its database.
+
+``serve`` builds ``CloudSettings`` (options override the environment), configures JSON
+logs, and runs every start-up check before serving; a failed check prints one line,
+``spillway controller: <problem>``, to stderr and exits 2 without a traceback. FastAPI,
+SQLAlchemy and uvicorn are imported only after the package check has passed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from cloud_controller.settings import CloudSettings
+from spillway.logs import configure_json_logging
+from spillway.preflight import (
+    Check,
+    PreflightError,
+    packages_present,
+    port_free,
+    run_checks,
+    tcp_reachable,
+)
+
+EXIT_PREFLIGHT = 2
+
+controller_app = typer.Typer(
+    help="The cloud controller: device registry, desired state, REST API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_CLOUD_PACKAGES = ("fastapi", "uvicorn", "sqlmodel", "sqlalchemy", "alembic", "prometheus_client")
+
+
+def _fail(problem: str) -> NoReturn:
+    typer.echo(f"spillway controller: {problem}", err=True)
+    raise typer.Exit(code=EXIT_PREFLIGHT)
+
+
+def build_settings(**overrides: Any) -> CloudSettings:
+    """Settings from the environment with the given options on top; one line on error."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return CloudSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise PreflightError(f"invalid setting {where}: {first['msg']}") from exc
+
+
+def database_reachable(database_url: str) -> Check:
+    def check() -> None:
+        from cloud_controller.database import DatabaseError, make_engine, ping
+
+        try:
+            engine = make_engine(database_url)
+        except Exception as exc:  # bad URL, missing driver: say so in one line
+            raise PreflightError(f"database URL unusable: {exc}") from exc
+        try:
+            ping(engine)
+        except DatabaseError as exc:
+            raise PreflightError(f"database unreachable: {exc}") from exc
+        finally:
+            engine.dispose()
+
+    return check
+
+
+def startup_checks(settings: CloudSettings) -> list[Check]:
+    packages: tuple[str, ...] = _CLOUD_PACKAGES
+    if settings.database_url.startswith("postgresql"):
+        packages = (*packages, "psycopg2")
+    return [
+        packages_present(*packages, extra="cloud"),
+        port_free(settings.http_host, settings.http_port, what="REST API"),
+        tcp_reachable(settings.mqtt_host, settings.mqtt_port, what="MQTT broker"),
+        database_reachable(settings.database_url),
+    ]
+
+
+@controller_app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address the REST API listens on.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port of the REST API.")] = None,
+    mqtt_host: Annotated[str | None, typer.Option(help="Broker host.")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(help="Broker TCP port.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Check everything the controller needs, then serve REST and the MQTT bridge."""
+    try:
+        settings = build_settings(
+            http_host=host,
+            http_port=port,
+            mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port,
+            database_url=database_url,
+        )
+        configure_json_logging("controller", level=settings.log_level)
+        run_checks(startup_checks(settings))
+    except PreflightError as exc:
+        _fail(str(exc))
+
+    import uvicorn
+
+    from cloud_controller.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,  # keep the JSON logs configured above
+    )
+
+
+@controller_app.command()
+def migrate(
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Bring the database schema to the newest revision."""
+    try:
+        settings = build_settings(database_url=database_url)
+        configure_json_logging("controller", level=settings.log_level)
+        run_checks([packages_present(*_CLOUD_PACKAGES, extra="cloud")])
+    except PreflightError as exc:
+        _fail(str(exc))
+
+    from cloud_controller.database import DatabaseError, make_engine
+    from cloud_controller.database import migrate as upgrade
+
+    engine = make_engine(settings.database_url)
+    try:
+        upgrade(engine)
+    except DatabaseError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    typer.echo("database schema is at head")

@@ -1,0 +1,42 @@
+"""Desired state in the database: bump a device's generation, list them all.
+
+Publishing is the bridge's job (``Bridge.set_desired``): it calls ``bump`` (which commits)
+and then publishes, so a retained message never announces a generation the database does
+not hold. Knows nothing of MQTT.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from cloud_controller.entities import Device, DeviceDesired
+from cloud_controller.errors import DeviceNotFound
+
+
+def bump(
+    session: Session, device_id: str, policy: dict[str, Any], *, now: datetime
+) -> DeviceDesired:
+    """Store ``policy`` as the device's next generation (first is 1) and commit."""
+    if session.get(Device, device_id) is None:
+        raise DeviceNotFound(device_id)
+    row = session.exec(
+        select(DeviceDesired).where(col(DeviceDesired.device_id) == device_id).with_for_update()
+    ).first()
+    if row is None:
+        row = DeviceDesired(device_id=device_id, generation=1, policy=policy, updated_at=now)
+    else:
+        row.generation += 1
+        row.policy = policy
+        row.updated_at = now
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def current_all(session: Session) -> list[DeviceDesired]:
+    """Every device's current desired state, for republishing after a reconnect."""
+    return list(session.exec(select(DeviceDesired).order_by(col(DeviceDesired.device_id))).all())

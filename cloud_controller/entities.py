@@ -1,0 +1,199 @@
+"""The controller's records: one SQLModel family per entity.
+
+Tables (``table=True``) are what the database holds; ``*Public`` models are what the REST
+API returns; ``*Update`` models are what a client may send (so it can never set ids,
+generations or timestamps). The schema itself is owned by the Alembic migrations in
+``cloud_controller.migrations``; ``tests/controller/test_migrations.py`` checks that these
+tables and the migrations agree. This module knows nothing of MQTT or HTTP.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ConfigDict
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+from protocol.messages import ApplyOutcome, DeviceStatus
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the controller stores UTC only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# BIGINT autoincrement on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+# -- devices ----------------------------------------------------------------------------
+
+
+class DeviceBase(SQLModel):
+    """What a device announces about itself in its Hello."""
+
+    hardware_class: str = Field(max_length=64, index=True)
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
+    agent_version: str = Field(max_length=32)
+    capabilities: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    boot_epoch: int = Field(sa_type=sa.BigInteger)
+    keepalive_s: int
+
+
+class Device(DeviceBase, table=True):
+    """One registered device. Only the MQTT bridge writes it."""
+
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=64)
+    status: DeviceStatus = Field(sa_type=sa.String(16), index=True)
+    first_seen: datetime = Field(sa_type=UtcDateTime)
+    last_seen: datetime = Field(sa_type=UtcDateTime)
+
+
+class DeviceLabel(SQLModel, table=True):
+    """One ``key=value`` label of a device: the index that label filters query.
+
+    ``Device.labels`` stays the record of what the device announced; both are written
+    in the same transaction by ``ingest.register``.
+    """
+
+    __tablename__ = "device_labels"
+    __table_args__ = (sa.Index("ix_device_labels_key_value", "key", "value"),)
+
+    device_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE"
+    )
+    key: str = Field(primary_key=True, sa_type=sa.Text)
+    value: str = Field(sa_type=sa.Text)
+
+
+# -- desired state ------------------------------------------------------------------------
+
+
+class DesiredBase(SQLModel):
+    policy: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    """What the device should run; opaque to this module."""
+
+
+class DesiredUpdate(DesiredBase):
+    """Body of ``PUT /api/v1/devices/{id}/desired``; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+
+class DeviceDesired(DesiredBase, table=True):
+    """The current desired state of one device; ``generation`` only ever grows."""
+
+    __tablename__ = "desired_states"
+
+    device_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE"
+    )
+    generation: int = Field(sa_type=sa.BigInteger)
+    updated_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class DesiredSet(DesiredBase):
+    """Answer to a desired-state update: the generation it was stored (and published) as."""
+
+    device_id: str
+    generation: int
+
+
+class DesiredPublic(DesiredBase):
+    device_id: str
+    generation: int
+    updated_at: datetime
+
+
+# -- reported state -----------------------------------------------------------------------
+
+
+class ReportedBase(SQLModel):
+    observed_generation: int = Field(sa_type=sa.BigInteger)
+    outcome: ApplyOutcome = Field(sa_type=sa.String(16))
+    policy: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class DeviceReported(ReportedBase, table=True):
+    """The last state a device reported; written only by the MQTT bridge."""
+
+    __tablename__ = "reported_states"
+
+    device_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="devices.id", ondelete="CASCADE"
+    )
+    boot_epoch: int = Field(sa_type=sa.BigInteger)
+    reported_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ReportedPublic(ReportedBase):
+    reported_at: datetime
+
+
+# -- telemetry ----------------------------------------------------------------------------
+
+
+class TelemetryBase(SQLModel):
+    ts: datetime = Field(sa_type=UtcDateTime)
+    """When the device took the sample (the device's clock)."""
+    metrics: dict[str, float] = Field(default_factory=dict, sa_type=sa.JSON)
+
+
+class TelemetrySample(TelemetryBase, table=True):
+    """One telemetry sample; only the newest ``telemetry_history`` per device are kept."""
+
+    __tablename__ = "telemetry_samples"
+    __table_args__ = (sa.Index("ix_telemetry_samples_device_id_id", "device_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    device_id: str = Field(max_length=64, foreign_key="devices.id", ondelete="CASCADE")
+    received_at: datetime = Field(sa_type=UtcDateTime)
+    """When the controller stored it (the controller's clock)."""
+
+
+class TelemetryPublic(TelemetryBase):
+    received_at: datetime
+
+
+# -- the device as the API shows it -----------------------------------------------------
+
+
+class DevicePublic(DeviceBase):
+    id: str
+    status: DeviceStatus
+    first_seen: datetime
+    last_seen: datetime
+    staleness_age_s: float
+    """Seconds since the controller last heard from the device."""
+    stale: bool
+    """Online, but silent for longer than ``stale_after_s``."""
+    desired: DesiredPublic | None = None
+    reported: ReportedPublic | None = None
+    latest_telemetry: TelemetryPublic | None = None
+
+
+class DevicePage(SQLModel):
+    items: list[DevicePublic]
+    total: int
+    page: int
+    page_size: int

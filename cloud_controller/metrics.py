@@ -1,0 +1,119 @@
+"""The controller's Prometheus metrics, on a registry of each app's own.
+
+A per-app ``CollectorRegistry`` (never the global one) lets several apps live in one
+process, as they do in the tests. Device counts and the broker link are read when
+scraped, from callables handed in, so they are never out of date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from protocol.messages import DeviceStatus
+
+_PENDING_HELP = "Accepted MQTT messages waiting to be written to the database."
+
+
+class _LiveCollector(Collector):
+    """Gauges computed at scrape time."""
+
+    def __init__(
+        self,
+        *,
+        devices_by_status: Callable[[], Mapping[DeviceStatus, int]],
+        mqtt_connected: Callable[[], bool],
+        ingest_pending: Callable[[], int],
+    ) -> None:
+        self._devices_by_status = devices_by_status
+        self._mqtt_connected = mqtt_connected
+        self._ingest_pending = ingest_pending
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "spillway_devices", "Registered devices by status.", labels=["status"]
+        )
+        yield GaugeMetricFamily("spillway_mqtt_connected", "1 while the bridge is connected.")
+        yield GaugeMetricFamily("spillway_ingest_pending", _PENDING_HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        devices = GaugeMetricFamily(
+            "spillway_devices", "Registered devices by status.", labels=["status"]
+        )
+        try:
+            counts = self._devices_by_status()
+        except Exception:  # a scrape must not fail because the database is down
+            counts = {}
+        for status, count in counts.items():
+            devices.add_metric([status.value], count)
+        yield devices
+        yield GaugeMetricFamily(
+            "spillway_mqtt_connected",
+            "1 while the bridge is connected.",
+            value=1.0 if self._mqtt_connected() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "spillway_ingest_pending", _PENDING_HELP, value=float(self._ingest_pending())
+        )
+
+
+class ControllerMetrics:
+    """Counters the bridge increments and the registry ``/metrics`` renders."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rejected = Counter(
+            "spillway_mqtt_rejected_total",
+            "Inbound MQTT messages dropped, by channel and reason.",
+            ["channel", "reason"],
+            registry=self.registry,
+        )
+        self.ignored = Counter(
+            "spillway_mqtt_ignored_total",
+            "Valid inbound messages deliberately not applied (stale boot epoch, unknown device).",
+            ["channel", "reason"],
+            registry=self.registry,
+        )
+        self.ingested = Counter(
+            "spillway_mqtt_messages_total",
+            "Inbound MQTT messages applied, by channel.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.connects = Counter(
+            "spillway_mqtt_connects_total",
+            "Successful connections of the bridge to the broker.",
+            registry=self.registry,
+        )
+        self.reconnects = Counter(
+            "spillway_mqtt_reconnects_total",
+            "Connections after the first one.",
+            registry=self.registry,
+        )
+        self.desired_published = Counter(
+            "spillway_desired_published_total",
+            "Desired-state messages handed to the broker client (including republishes).",
+            registry=self.registry,
+        )
+
+    def watch(
+        self,
+        *,
+        devices_by_status: Callable[[], Mapping[DeviceStatus, int]],
+        mqtt_connected: Callable[[], bool],
+        ingest_pending: Callable[[], int],
+    ) -> None:
+        """Register the scrape-time gauges (once, when the app starts)."""
+        self.registry.register(
+            _LiveCollector(
+                devices_by_status=devices_by_status,
+                mqtt_connected=mqtt_connected,
+                ingest_pending=ingest_pending,
+            )
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
