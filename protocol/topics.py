@@ -12,6 +12,11 @@ Tree (``{root}`` defaults to ``spillway/v1``)::
     {root}/devices/{device_id}/telemetry  agent -> cloud   QoS 0
     {root}/devices/{device_id}/reported   agent -> cloud   QoS 1
     {root}/devices/{device_id}/desired    cloud -> agent   QoS 1, retained
+    {root}/devices/{device_id}/results    agent -> cloud   QoS 1   (outbox uplink)
+    {root}/devices/{device_id}/acks       cloud -> agent   QoS 1   (after the cloud's commit)
+    {root}/devices/{device_id}/infer      local app -> agent, QoS 1, answer on response topic
+    {root}/pool/requests                  edge/gateway -> pool, QoS 1, shared subscription
+    {root}/pool/status                    pool -> edges, QoS 1, retained back-pressure
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ class DeviceChannel(StrEnum):
     TELEMETRY = "telemetry"
     REPORTED = "reported"
     DESIRED = "desired"
+    RESULTS = "results"
+    ACKS = "acks"
+    INFER = "infer"
 
     @property
     def spec(self) -> ChannelSpec:
@@ -63,6 +71,9 @@ _SPECS: dict[DeviceChannel, ChannelSpec] = {
     DeviceChannel.TELEMETRY: ChannelSpec(QoS.AT_MOST_ONCE, retain=False, direction="up"),
     DeviceChannel.REPORTED: ChannelSpec(QoS.AT_LEAST_ONCE, retain=False, direction="up"),
     DeviceChannel.DESIRED: ChannelSpec(QoS.AT_LEAST_ONCE, retain=True, direction="down"),
+    DeviceChannel.RESULTS: ChannelSpec(QoS.AT_LEAST_ONCE, retain=False, direction="up"),
+    DeviceChannel.ACKS: ChannelSpec(QoS.AT_LEAST_ONCE, retain=False, direction="down"),
+    DeviceChannel.INFER: ChannelSpec(QoS.AT_LEAST_ONCE, retain=False, direction="down"),
 }
 
 
@@ -99,6 +110,20 @@ class Topics:
     def all_devices(self, channel: DeviceChannel) -> str:
         """Wildcard subscription for one channel of every device."""
         return f"{self.root}/devices/+/{channel.value}"
+
+    def pool_requests(self) -> str:
+        return f"{self.root}/pool/requests"
+
+    def pool_requests_shared(self, group: str = "pool") -> str:
+        """What pool workers subscribe to: each request goes to one of them."""
+        return f"$share/{group}/{self.pool_requests()}"
+
+    def pool_status(self) -> str:
+        return f"{self.root}/pool/status"
+
+    def replies(self, client_id: str) -> str:
+        """A client's own response topic for request/response."""
+        return f"{self.root}/replies/{validate_device_id(client_id)}"
 
     def parse_device(self, topic: str) -> DeviceTopic:
         prefix = f"{self.root}/devices/"
