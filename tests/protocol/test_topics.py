@@ -8,7 +8,7 @@ from protocol.topics import DeviceChannel, InvalidTopic, QoS, Topics
 
 def test_public_api_is_exactly_all() -> None:
     public = {name for name in dir(protocol) if not name.startswith("_")}
-    submodules = {"codec", "messages", "topics", "mqtt"}
+    submodules = {"codec", "messages", "topics", "mqtt", "inference"}
     assert public - submodules == set(protocol.__all__)
 
 
