@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+
+from sim.processes import terminate
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +127,7 @@ class MosquittoBroker:
         """SIGTERM: mosquitto saves its persistence file and exits."""
         if self._proc is None:
             return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, timeout_s=timeout_s)
         self._proc = None
 
     def kill(self) -> None:

@@ -13,6 +13,18 @@ import sys
 from pathlib import Path
 
 
+def terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> int:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class ChildProcess:
     """A ``spillway`` subcommand run as a separate process, logging to ``log_path``."""
 
@@ -50,14 +62,7 @@ class ChildProcess:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
         if self._proc is None:
             return None
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        return self._proc.returncode
+        return terminate(self._proc, timeout_s=timeout_s)
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
