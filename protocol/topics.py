@@ -17,6 +17,8 @@ Tree (``{root}`` defaults to ``spillway/v1``)::
     {root}/devices/{device_id}/infer      local app -> agent, QoS 1, answer on response topic
     {root}/pool/requests                  edge/gateway -> pool, QoS 1, shared subscription
     {root}/pool/status                    pool -> edges, QoS 1, retained back-pressure
+    {root}/models/chunks                  agent -> controller, QoS 1, chunk requests (shared)
+    {root}/replies/{client_id}            answers to a client's requests (response topic)
 """
 
 from __future__ import annotations
@@ -120,6 +122,13 @@ class Topics:
 
     def pool_status(self) -> str:
         return f"{self.root}/pool/status"
+
+    def model_chunks(self) -> str:
+        return f"{self.root}/models/chunks"
+
+    def model_chunks_shared(self, group: str = "controllers") -> str:
+        """What controllers subscribe to, so several replicas share transfers."""
+        return f"$share/{group}/{self.model_chunks()}"
 
     def replies(self, client_id: str) -> str:
         """A client's own response topic for request/response."""
