@@ -16,11 +16,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from cloud_controller import devices_api, health_api, queries
+from cloud_controller import devices_api, health_api, queries, results_api
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import Clock, system_clock
 from cloud_controller.database import DatabaseError, make_engine, migrate, one_line
-from cloud_controller.errors import DesiredNotPublished, DeviceNotFound
+from cloud_controller.errors import DesiredNotPublished, DeviceNotFound, ResultNotFound
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.runtime import Runtime
 from cloud_controller.settings import CloudSettings
@@ -67,6 +67,7 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
 
     app = FastAPI(title="Spillway controller", version="1", lifespan=lifespan)
     app.include_router(devices_api.router)
+    app.include_router(results_api.router)
     app.include_router(health_api.router)
     _map_errors(app)
     return app
@@ -75,6 +76,10 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
 def _map_errors(app: FastAPI) -> None:
     @app.exception_handler(DeviceNotFound)
     async def not_found(request: Request, exc: DeviceNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ResultNotFound)
+    async def result_not_found(request: Request, exc: ResultNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     @app.exception_handler(DesiredNotPublished)

@@ -1,9 +1,9 @@
 """The MQTT side of the controller: devices in, desired state out.
 
 One ``MqttClient`` (client id from the settings) subscribes to the hello, status,
-heartbeat, telemetry and reported channels of every device. Each payload is decoded with
-``protocol.codec.decode`` into its model; the device id in the topic must equal the
-payload's; what fails is logged and counted (``RejectCounter`` and
+heartbeat, telemetry, reported and results channels of every device. Each payload is
+decoded with ``protocol.codec.decode`` into its model; the device id in the topic must equal
+the payload's; what fails is logged and counted (``RejectCounter`` and
 ``spillway_mqtt_rejected_total{channel,reason}``), and no exception ever leaves a handler.
 
 Accepted messages go, with the time they arrived, onto a bounded queue that one worker
@@ -11,6 +11,14 @@ thread applies through ``ingest`` in short sessions, in arrival order. The worke
 only writer of device records, so they need no locking; paho's network thread never
 waits for the database; and while the database is briefly away (a restart, a failover)
 the worker retries a message for up to ``ingest_retry_s`` instead of dropping it.
+
+Results are the one channel that is answered: the worker stores a whole ``ResultBatch`` in
+one transaction (a record stored before is skipped), and only after the commit publishes a
+``ResultAck`` (QoS 1) with every seq of the batch, the skipped ones included, so the device
+can delete them from its outbox. A batch that could not be stored is not acknowledged: the
+device sends it again. ``gaps.GapTracker`` follows which seqs are still missing per
+(device, boot epoch), and every ``results_cleanup_interval_s`` of the injected clock the
+worker deletes what ``retention`` says is too old or too many.
 
 The bridge owns each device's desired state on the wire: ``set_desired`` commits the next
 generation and then publishes it retained, QoS 1; every (re)connect republishes every
@@ -27,22 +35,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from cloud_controller import desired, ingest
+from cloud_controller import desired, ingest, retention
 from cloud_controller.clock import Clock
 from cloud_controller.database import one_line
 from cloud_controller.entities import DeviceDesired
 from cloud_controller.errors import DesiredNotPublished
+from cloud_controller.gaps import GapChange, GapTracker
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.settings import CloudSettings
 from protocol.codec import DecodeError, RejectCounter, decode, encode
+from protocol.inference import ResultAck, ResultBatch
 from protocol.messages import (
     DesiredState,
     Envelope,
@@ -62,11 +72,17 @@ _MODELS: dict[DeviceChannel, type[Envelope]] = {
     DeviceChannel.STATUS: Presence,
     DeviceChannel.HEARTBEAT: Heartbeat,
     DeviceChannel.TELEMETRY: Telemetry,
+    DeviceChannel.RESULTS: ResultBatch,
     DeviceChannel.REPORTED: ReportedState,
 }
-"""The channels the controller listens to, and what each carries."""
+"""The channels the controller listens to, and what each carries, in subscription order
+(``reported`` last: tests probe it to know that every subscription is live)."""
 
 Applier = Callable[[Session, Any, datetime], ingest.Ingested]
+T = TypeVar("T")
+
+_TICK_S = 1.0
+"""Seconds an idle worker waits for a message before it looks at the cleanup schedule."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,10 @@ class _Accepted:
     message: Envelope
     topic: str
     received_at: datetime
+
+
+class _Cleanup:
+    """Queued by ``request_cleanup``: run the results cleanup now, in order."""
 
 
 class Bridge:
@@ -111,7 +131,12 @@ class Bridge:
             ),
             DeviceChannel.REPORTED: lambda s, m, now: ingest.record_reported(s, m, now=now),
         }
-        self._queue: queue.Queue[_Accepted | None] = queue.Queue(settings.ingest_queue_max)
+        self.gaps = GapTracker()
+        self._next_cleanup: datetime | None = None
+        """Clock time of the next results cleanup; None: at the worker's start."""
+        self._queue: queue.Queue[_Accepted | _Cleanup | None] = queue.Queue(
+            settings.ingest_queue_max
+        )
         self._stopping = threading.Event()
         self._idle = threading.Condition()
         self._pending = 0
@@ -210,17 +235,37 @@ class Bridge:
             logger.exception("unexpected error handling %s", message.topic)
             self._reject(channel_label, "internal_error", repr(exc), message.topic)
 
+    def request_cleanup(self) -> None:
+        """Have the worker run the results cleanup after what is queued (``wait_idle``
+        returns once it ran)."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(_Cleanup())
+
     def _drain(self) -> None:
-        """The worker: apply queued messages in order until the ``None`` sentinel."""
+        """The worker: apply queued messages in order until the ``None`` sentinel, and
+        clean up results when the schedule says so."""
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=_TICK_S)
+            except queue.Empty:
+                if not self._cleanup_due():
+                    continue
+                item = _Cleanup()
+                with self._idle:
+                    self._pending += 1
             try:
                 if item is None:
                     return
-                self._apply(item)
+                if isinstance(item, _Cleanup):
+                    self._cleanup()
+                else:
+                    self._apply(item)
+                    if self._cleanup_due():
+                        self._cleanup()
             except Exception as exc:  # never let the worker die
                 logger.exception("unexpected error applying a message")
-                if item is not None:
+                if isinstance(item, _Accepted):
                     self._reject(item.channel.value, "internal_error", repr(exc), item.topic)
             finally:
                 if item is not None:
@@ -234,14 +279,38 @@ class Bridge:
 
     def _apply(self, item: _Accepted) -> None:
         """Apply one message, retrying while the database cannot be reached."""
+        if item.channel is DeviceChannel.RESULTS:
+            self._apply_results(item)
+            return
+        channel, message = item.channel, item.message
+        outcome = self._store(
+            item, lambda session: self._appliers[channel](session, message, item.received_at)
+        )
+        if outcome is None:
+            return
+        if outcome is ingest.Ingested.APPLIED:
+            self._metrics.ingested.labels(channel.value).inc()
+        else:
+            self._metrics.ignored.labels(channel.value, outcome.value).inc()
+            logger.info(
+                "ignored inbound message",
+                extra={
+                    "topic": item.topic,
+                    "device_id": message.device_id,
+                    "reason": outcome.value,
+                },
+            )
+
+    def _store(self, item: _Accepted, write: Callable[[Session], T]) -> T | None:
+        """Run ``write`` in a fresh session, retrying while the database cannot be reached;
+        None when it failed for good (logged and counted as ``storage_error``)."""
         channel, message, topic = item.channel, item.message, item.topic
         budget_left_s = self._retry_budget()
         attempt = 0
         while True:
             try:
                 with Session(self._engine, expire_on_commit=False) as session:
-                    outcome = self._appliers[channel](session, message, item.received_at)
-                break
+                    return write(session)
             except DBAPIError as exc:
                 # Connection trouble is worth waiting out; anything else will not improve.
                 temporary = exc.connection_invalidated or isinstance(
@@ -258,17 +327,112 @@ class Bridge:
                     self._stopping.wait(delay)
                     continue
                 self._storage_failed(channel, message, topic, exc)
-                return
+                return None
             except SQLAlchemyError as exc:
                 self._storage_failed(channel, message, topic, exc)
-                return
-        if outcome is ingest.Ingested.APPLIED:
-            self._metrics.ingested.labels(channel.value).inc()
-        else:
-            self._metrics.ignored.labels(channel.value, outcome.value).inc()
+                return None
+
+    # -- results -----------------------------------------------------------------------
+
+    def _apply_results(self, item: _Accepted) -> None:
+        """Store a batch; after the commit, acknowledge all its seqs and look for gaps."""
+        batch = item.message
+        assert isinstance(batch, ResultBatch)
+        key = (batch.device_id, batch.boot_epoch)
+
+        def write(session: Session) -> tuple[ingest.StoredSeqs | None, ingest.StoredResults]:
+            before = None if self.gaps.knows(key) else ingest.stored_seqs(session, *key)
+            return before, ingest.store_results(session, batch, now=item.received_at)
+
+        done = self._store(item, write)
+        if done is None:
+            return  # not committed, so not acknowledged: the device sends the batch again
+        before, stored = done
+        self._metrics.ingested.labels(DeviceChannel.RESULTS.value).inc()
+        self._metrics.results_ingested.inc(stored.inserted)
+        self._metrics.results_duplicates.inc(stored.duplicates)
+        if stored.duplicates:
             logger.info(
-                "ignored inbound message",
-                extra={"topic": topic, "device_id": message.device_id, "reason": outcome.value},
+                "skipped results stored before",
+                extra={
+                    "device_id": batch.device_id,
+                    "boot_epoch": batch.boot_epoch,
+                    "duplicates": stored.duplicates,
+                },
+            )
+        self._acknowledge(batch, stored.seqs)
+        change = self.gaps.observe(
+            key,
+            stored.seqs,
+            contiguous=before.contiguous if before else 0,
+            above=before.above if before else (),
+        )
+        self._metrics.result_gaps.set(self.gaps.missing)
+        self._log_gap(change)
+
+    def _acknowledge(self, batch: ResultBatch, seqs: tuple[int, ...]) -> None:
+        """Publish the ``ResultAck`` (QoS 1; kept by paho and sent after a reconnect)."""
+        message: BaseModel = ResultAck(
+            device_id=batch.device_id, boot_epoch=batch.boot_epoch, seqs=list(seqs)
+        )
+        spec = DeviceChannel.ACKS.spec
+        try:
+            self._client.publish(
+                self._topics.device(batch.device_id, DeviceChannel.ACKS),
+                encode(message),
+                qos=spec.qos,
+                retain=spec.retain,
+            )
+        except MqttError as exc:
+            self._metrics.result_acks_failed.inc()
+            logger.warning(
+                "result ack not sent; the device will resend",
+                extra={"device_id": batch.device_id, "error": str(exc)},
+            )
+            return
+        self._metrics.result_acks.inc()
+
+    @staticmethod
+    def _log_gap(change: GapChange) -> None:
+        device_id, boot_epoch = change.key
+        where = {"device_id": device_id, "boot_epoch": boot_epoch}
+        if change.opened:
+            logger.warning(
+                "results missing",
+                extra={
+                    **where,
+                    "first_missing_seq": change.contiguous + 1,
+                    "missing": change.missing_after,
+                },
+            )
+        elif change.closed:
+            logger.info("result gap closed", extra={**where, "contiguous_seq": change.contiguous})
+
+    def _cleanup_due(self) -> bool:
+        return self._next_cleanup is None or self._clock() >= self._next_cleanup
+
+    def _cleanup(self) -> None:
+        """Delete results past the retention or beyond the row limit (worker thread)."""
+        now = self._clock()
+        self._next_cleanup = now + timedelta(seconds=self._settings.results_cleanup_interval_s)
+        try:
+            with Session(self._engine) as session:
+                purged = retention.purge_results(
+                    session,
+                    received_before=now - timedelta(seconds=self._settings.results_retention_s),
+                    max_rows=self._settings.results_max_rows,
+                )
+        except SQLAlchemyError as exc:
+            logger.error("results cleanup failed: %s", one_line(exc))
+            return
+        self._metrics.results_deleted.labels("retention").inc(purged.expired)
+        self._metrics.results_deleted.labels("max_rows").inc(purged.over_limit)
+        self.gaps.forget_complete()
+        self._metrics.result_gaps.set(self.gaps.missing)
+        if purged.expired or purged.over_limit:
+            logger.info(
+                "deleted old results",
+                extra={"expired": purged.expired, "over_limit": purged.over_limit},
             )
 
     def _retry_budget(self) -> Callable[[], float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.exceptions import RequestValidationError
 
 from cloud_controller import queries
 from cloud_controller.deps import BridgeDep, RuntimeDep, SessionDep, SettingsDep
@@ -20,16 +19,10 @@ from cloud_controller.entities import (
     DevicePublic,
     TelemetryPublic,
 )
+from cloud_controller.paging import check_page_size, query_error
 from protocol.messages import DeviceStatus
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
-
-
-def _query_error(name: str, message: str, value: object) -> RequestValidationError:
-    """A 422 shaped like FastAPI's own validation errors."""
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("query", name), "msg": message, "input": value}]
-    )
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
@@ -37,7 +30,7 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
     for item in labels:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _query_error("label", f"label filter {item!r} must look like key=value", item)
+            raise query_error("label", f"label filter {item!r} must look like key=value", item)
         parsed[key] = value
     return parsed
 
@@ -53,12 +46,7 @@ def list_devices(
     page_size: Annotated[int, Query(ge=1)] = 50,
 ) -> DevicePage:
     settings = runtime.settings
-    if page_size > settings.max_page_size:
-        raise _query_error(
-            "page_size",
-            f"page_size {page_size} exceeds the maximum of {settings.max_page_size}",
-            page_size,
-        )
+    check_page_size(page_size, settings)
     flt = queries.DeviceFilter(
         status=status, hardware_class=hardware_class, labels=_parse_labels(label)
     )

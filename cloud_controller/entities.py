@@ -197,3 +197,62 @@ class DevicePage(SQLModel):
     total: int
     page: int
     page_size: int
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+class ResultBase(SQLModel):
+    """One served request as a device reported it (``protocol.inference.ResultRecord``)."""
+
+    device_id: str = Field(max_length=64)
+    boot_epoch: int = Field(sa_type=sa.BigInteger)
+    seq: int = Field(sa_type=sa.BigInteger)
+    """With ``device_id`` and ``boot_epoch`` the record's identity; a redelivery is a no-op."""
+    request_id: str = Field(max_length=128, index=True)
+    status: str = Field(max_length=32)
+    tier: str = Field(max_length=16)
+    variant: str | None = Field(default=None, sa_type=sa.Text)
+    offload_reason: str | None = Field(default=None, max_length=16)
+    queued_ms: float
+    latency_ms: float
+    served_at: datetime = Field(sa_type=UtcDateTime)
+    """When the device answered (the device's clock)."""
+    received_at: datetime = Field(sa_type=UtcDateTime)
+    """When the controller stored it (the controller's clock); retention counts from here."""
+
+
+class Result(ResultBase, table=True):
+    """A stored result; written only by the MQTT bridge, deleted only by its retention.
+
+    Embeddings are kept as the raw little-endian float32 bytes the device sent (the
+    base64 block decoded, a quarter smaller), ``embedding_count`` rows of ``embedding_dim``.
+    """
+
+    __tablename__ = "results"
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "device_id", "boot_epoch", "seq", name="uq_results_device_id_boot_epoch_seq"
+        ),
+        sa.Index("ix_results_served_at_seq", "served_at", "seq"),
+        sa.Index("ix_results_device_id_served_at_seq", "device_id", "served_at", "seq"),
+        sa.Index("ix_results_received_at", "received_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    embedding_count: int | None = None
+    embedding_dim: int | None = None
+    embeddings: bytes | None = Field(default=None, sa_type=sa.LargeBinary)
+
+
+class ResultPublic(ResultBase):
+    embeddings: list[list[float]] | None = None
+    """``embedding_count`` rows of ``embedding_dim`` floats; None when the request produced
+    none or the caller asked to leave them out."""
+
+
+class ResultPage(SQLModel):
+    items: list[ResultPublic]
+    total: int
+    page: int
+    page_size: int

@@ -2,6 +2,7 @@
 
 ControllerError            base class
 ├── DeviceNotFound         permanent: no device with that id (404)
+├── ResultNotFound         permanent: no stored result for that request id (404)
 └── DesiredNotPublished    temporary: stored, but the broker client refused it (503);
                            the bridge republishes every desired state on reconnect
 """
@@ -17,6 +18,15 @@ class DeviceNotFound(ControllerError, LookupError):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"device {device_id!r} not found")
         self.device_id = device_id
+
+
+class ResultNotFound(ControllerError, LookupError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"no result stored for request {request_id!r} "
+            "(not yet received from its device, or deleted by retention)"
+        )
+        self.request_id = request_id
 
 
 class DesiredNotPublished(ControllerError):

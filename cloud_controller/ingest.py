@@ -10,24 +10,36 @@ own past live here:
 * Presence, heartbeats, telemetry and reports from an older ``boot_epoch`` than the
   device's current one are ignored: an old Last Will published during a session takeover
   must not mark a restarted agent offline.
+* Results are the exception: they are stored whatever the boot epoch and whether or not
+  the device is registered, because a restarted agent resends its previous boot's outbox
+  and a result must never be lost. A record already stored under its
+  (``device_id``, ``boot_epoch``, ``seq``) is skipped (insert-or-ignore), so a redelivered
+  batch changes nothing.
 
 It knows nothing of MQTT topics or HTTP.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, delete, select
 
 from cloud_controller.entities import (
     Device,
     DeviceLabel,
     DeviceReported,
+    Result,
     TelemetrySample,
 )
+from protocol.inference import ResultBatch, ResultRecord
 from protocol.messages import DeviceStatus, Heartbeat, Hello, Presence, ReportedState, Telemetry
 
 logger = logging.getLogger(__name__)
@@ -192,3 +204,88 @@ def record_reported(session: Session, report: ReportedState, *, now: datetime) -
     session.add(row)
     session.commit()
     return Ingested.APPLIED
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredResults:
+    """What ``store_results`` did with one batch; every seq in ``seqs`` is now stored."""
+
+    seqs: tuple[int, ...]
+    """The batch's distinct seqs, ascending: what the controller may now acknowledge."""
+    inserted: int
+    """Records stored by this batch."""
+    duplicates: int
+    """Records skipped because they were already stored (or repeated within the batch)."""
+
+
+@dataclass(frozen=True)
+class StoredSeqs:
+    """The seqs stored for one (device, boot epoch), as the gap detector starts from."""
+
+    contiguous: int
+    """Every seq up to this one counts as stored (0: none)."""
+    above: frozenset[int]
+    """Stored seqs above ``contiguous``, when there are holes."""
+
+
+_RESULT_KEY = ["device_id", "boot_epoch", "seq"]
+
+
+def _result_row(batch: ResultBatch, record: ResultRecord, now: datetime) -> dict[str, Any]:
+    block = record.embeddings
+    return {
+        "device_id": batch.device_id,
+        "boot_epoch": batch.boot_epoch,
+        "seq": record.seq,
+        "request_id": record.request_id,
+        "status": record.status.value,
+        "tier": record.tier.value,
+        "variant": record.variant,
+        "offload_reason": record.offload_reason.value if record.offload_reason else None,
+        "queued_ms": record.queued_ms,
+        "latency_ms": record.latency_ms,
+        "served_at": record.served_at,
+        "received_at": now,
+        "embedding_count": block.count if block else None,
+        "embedding_dim": block.dim if block else None,
+        "embeddings": base64.b64decode(block.data_b64) if block else None,
+    }
+
+
+def store_results(session: Session, batch: ResultBatch, *, now: datetime) -> StoredResults:
+    """Insert the batch's records in one transaction, skipping stored ones, and commit."""
+    dialect = session.get_bind().dialect.name
+    insert: Any
+    if dialect == "postgresql":
+        insert = postgresql.insert
+    elif dialect == "sqlite":
+        insert = sqlite.insert
+    else:
+        raise NotImplementedError(f"results need SQLite or PostgreSQL, not {dialect}")
+    rows = [_result_row(batch, record, now) for record in batch.records]
+    statement = insert(Result).values(rows).on_conflict_do_nothing(index_elements=_RESULT_KEY)
+    inserted = session.exec(statement).rowcount
+    session.commit()
+    return StoredResults(
+        seqs=tuple(sorted({record.seq for record in batch.records})),
+        inserted=inserted,
+        duplicates=len(rows) - inserted,
+    )
+
+
+def stored_seqs(session: Session, device_id: str, boot_epoch: int) -> StoredSeqs:
+    """What is stored for one boot of a device; seqs below the lowest stored one count as
+    stored (retention deleted them, or they predate what this database keeps)."""
+    where = (col(Result.device_id) == device_id, col(Result.boot_epoch) == boot_epoch)
+    low, high, count = session.exec(
+        select(sa.func.min(Result.seq), sa.func.max(Result.seq), sa.func.count()).where(*where)
+    ).one()
+    if not count:
+        return StoredSeqs(contiguous=0, above=frozenset())
+    if high - low + 1 == count:
+        return StoredSeqs(contiguous=int(high), above=frozenset())
+    above = session.exec(select(Result.seq).where(*where, col(Result.seq) > low)).all()
+    return StoredSeqs(contiguous=int(low), above=frozenset(int(seq) for seq in above))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -96,6 +96,38 @@ class ControllerMetrics:
         self.desired_published = Counter(
             "spillway_desired_published_total",
             "Desired-state messages handed to the broker client (including republishes).",
+            registry=self.registry,
+        )
+
+        self.results_ingested = Counter(
+            "spillway_results_ingested_total",
+            "Result records stored (each once, however often it was delivered).",
+            registry=self.registry,
+        )
+        self.results_duplicates = Counter(
+            "spillway_results_duplicates_total",
+            "Result records received again after they were stored; skipped and acked again.",
+            registry=self.registry,
+        )
+        self.result_acks = Counter(
+            "spillway_result_acks_total",
+            "Result acknowledgements handed to the broker client, each after its commit.",
+            registry=self.registry,
+        )
+        self.result_acks_failed = Counter(
+            "spillway_result_acks_failed_total",
+            "Result acknowledgements the broker client refused (the device resends).",
+            registry=self.registry,
+        )
+        self.result_gaps = Gauge(
+            "spillway_result_gaps",
+            "Result seqs currently known to be missing, over all devices and boot epochs.",
+            registry=self.registry,
+        )
+        self.results_deleted = Counter(
+            "spillway_results_deleted_total",
+            "Stored results deleted by the cleanup, by reason (retention, max_rows).",
+            ["reason"],
             registry=self.registry,
         )
 

@@ -1,11 +1,15 @@
-"""Read views of the fleet: filtered, paged device lists and single devices as the API shows them.
+"""Read views of the fleet: filtered, paged device lists and single devices as the API shows
+them, and the results devices reported.
 
 Staleness is computed here from ``now`` (the injected clock), never stored. Knows nothing
-of MQTT or HTTP; ``DeviceNotFound`` is mapped to 404 at the HTTP boundary.
+of MQTT or HTTP; ``DeviceNotFound`` and ``ResultNotFound`` are mapped to 404 at the HTTP
+boundary.
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -21,10 +25,12 @@ from cloud_controller.entities import (
     DevicePublic,
     DeviceReported,
     ReportedPublic,
+    Result,
+    ResultPublic,
     TelemetryPublic,
     TelemetrySample,
 )
-from cloud_controller.errors import DeviceNotFound
+from cloud_controller.errors import DeviceNotFound, ResultNotFound
 from protocol.messages import DeviceStatus
 
 
@@ -154,3 +160,75 @@ def count_by_status(session: Session) -> dict[DeviceStatus, int]:
     for status, count in rows:
         counts[DeviceStatus(status)] = int(count)
     return counts
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    """All conditions must hold; ``since`` is inclusive and ``until`` exclusive (served_at)."""
+
+    device_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _embeddings(row: Result) -> list[list[float]] | None:
+    """The stored little-endian float32 bytes as ``count`` lists of ``dim`` floats."""
+    if row.embeddings is None or not row.embedding_dim:
+        return None
+    values = array("f")
+    values.frombytes(row.embeddings)
+    if sys.byteorder == "big":
+        values.byteswap()
+    dim = row.embedding_dim
+    return [values[i : i + dim].tolist() for i in range(0, len(values), dim)]
+
+
+def _result_public(row: Result, *, include_embeddings: bool) -> ResultPublic:
+    return ResultPublic(
+        **row.model_dump(exclude={"id", "embeddings", "embedding_count", "embedding_dim"}),
+        embeddings=_embeddings(row) if include_embeddings else None,
+    )
+
+
+def get_result(session: Session, request_id: str, *, include_embeddings: bool) -> ResultPublic:
+    """The result of ``request_id``; if several devices reported one, the last received."""
+    row = session.exec(
+        select(Result)
+        .where(col(Result.request_id) == request_id)
+        .order_by(col(Result.id).desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        raise ResultNotFound(request_id)
+    return _result_public(row, include_embeddings=include_embeddings)
+
+
+def list_results(
+    session: Session,
+    flt: ResultFilter,
+    *,
+    page: int,
+    page_size: int,
+    include_embeddings: bool,
+) -> tuple[list[ResultPublic], int]:
+    """One page (1-based) of matching results by ``served_at``, ``seq``; and the total."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    if flt.device_id is not None:
+        conditions.append(col(Result.device_id) == flt.device_id)
+    if flt.since is not None:
+        conditions.append(col(Result.served_at) >= flt.since)
+    if flt.until is not None:
+        conditions.append(col(Result.served_at) < flt.until)
+    total = session.exec(select(sa.func.count()).select_from(Result).where(*conditions)).one()
+    rows = session.exec(
+        select(Result)
+        .where(*conditions)
+        .order_by(col(Result.served_at), col(Result.seq), col(Result.id))
+        .offset((page - 1) * page_size)
+        .limit(page_size)
+    ).all()
+    items = [_result_public(row, include_embeddings=include_embeddings) for row in rows]
+    return items, int(total)

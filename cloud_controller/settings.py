@@ -69,6 +69,12 @@ class CloudSettings(BaseSettings):
     ingest_retry_s: float = Field(default=30.0, ge=0)
     """Seconds the bridge keeps retrying a message while the database is unreachable
     before dropping it and counting ``storage_error``."""
+    results_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Seconds a stored result is kept, counted from when the controller received it."""
+    results_max_rows: int = Field(default=1_000_000, ge=1)
+    """Most results kept; beyond it the oldest are deleted at the next cleanup."""
+    results_cleanup_interval_s: float = Field(default=300.0, gt=0)
+    """Seconds (of the controller's clock) between two retention cleanups of results."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Threshold of the JSON logs written to stderr."""
 

@@ -16,7 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_controller.bridge import Bridge
 from cloud_controller.settings import CloudSettings
-from protocol.codec import encode
+from protocol.codec import decode, encode
+from protocol.inference import (
+    EmbeddingBlock,
+    InferStatus,
+    ResultAck,
+    ResultBatch,
+    ResultRecord,
+    Tier,
+)
 from protocol.messages import (
     ApplyOutcome,
     DeviceStatus,
@@ -171,6 +179,17 @@ class SimAgent:
             ),
         )
 
+    def results(self, records: list[ResultRecord], *, boot_epoch: int | None = None) -> None:
+        """Publish one ``ResultBatch`` as the agent's outbox would (QoS 1)."""
+        self.send(
+            DeviceChannel.RESULTS,
+            ResultBatch(
+                device_id=self.device_id,
+                boot_epoch=self.boot_epoch if boot_epoch is None else boot_epoch,
+                records=records,
+            ),
+        )
+
     def die(self) -> None:
         """Lose the link without DISCONNECT, as a crash or a cut cable would."""
         self.client._stopping.set()  # no reconnect
@@ -197,6 +216,42 @@ class Recorder:
     def snapshot(self) -> list[InboundMessage]:
         with self._lock:
             return list(self.messages)
+
+
+SERVED_AT = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def record(
+    seq: int,
+    *,
+    request_id: str | None = None,
+    served_at: datetime | None = None,
+    embeddings: list[list[float]] | None = None,
+    **fields: Any,
+) -> ResultRecord:
+    """A result record; ``served_at`` defaults to ``SERVED_AT`` plus ``seq`` seconds."""
+    block = None
+    if embeddings is not None:
+        import numpy as np
+
+        block = EmbeddingBlock.from_array(np.array(embeddings, dtype=np.float32))
+    return ResultRecord(
+        seq=seq,
+        request_id=request_id or f"req-{seq}",
+        status=fields.pop("status", InferStatus.OK),
+        tier=fields.pop("tier", Tier.EDGE),
+        served_at=served_at or SERVED_AT + timedelta(seconds=seq),
+        embeddings=block,
+        **fields,
+    )
+
+
+def records(seqs: range | list[int], **fields: Any) -> list[ResultRecord]:
+    return [record(seq, **fields) for seq in seqs]
+
+
+def acks(recorder: Recorder) -> list[ResultAck]:
+    return [decode(m.payload, ResultAck) for m in recorder.snapshot()]
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -14,7 +14,14 @@ import cloud_controller.entities  # noqa: F401  (registers the tables)
 from cloud_controller.database import downgrade, make_engine, migrate
 from cloud_controller.settings import CloudSettings
 
-TABLES = {"devices", "device_labels", "desired_states", "reported_states", "telemetry_samples"}
+TABLES = {
+    "devices",
+    "device_labels",
+    "desired_states",
+    "reported_states",
+    "telemetry_samples",
+    "results",
+}
 
 
 def test_upgrade_head_builds_the_schema_the_entities_describe(database_url: str) -> None:

@@ -1,0 +1,24 @@
+"""What the list routes share: 422s shaped like FastAPI's own, and the page-size cap."""
+
+from __future__ import annotations
+
+from fastapi.exceptions import RequestValidationError
+
+from cloud_controller.settings import CloudSettings
+
+
+def query_error(name: str, message: str, value: object) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own validation errors."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("query", name), "msg": message, "input": value}]
+    )
+
+
+def check_page_size(page_size: int, settings: CloudSettings) -> None:
+    """Raise a 422 for a ``page_size`` above ``max_page_size``."""
+    if page_size > settings.max_page_size:
+        raise query_error(
+            "page_size",
+            f"page_size {page_size} exceeds the maximum of {settings.max_page_size}",
+            page_size,
+        )
