@@ -16,14 +16,23 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from cloud_controller import devices_api, health_api, queries, results_api
+from cloud_controller import devices_api, health_api, models_api, queries, results_api
+from cloud_controller.artifacts import ArtifactStore
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import Clock, system_clock
 from cloud_controller.database import DatabaseError, make_engine, migrate, one_line
-from cloud_controller.errors import DesiredNotPublished, DeviceNotFound, ResultNotFound
+from cloud_controller.errors import (
+    DesiredNotPublished,
+    DeviceNotFound,
+    RegistryError,
+    ResultNotFound,
+)
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.runtime import Runtime
 from cloud_controller.settings import CloudSettings
+from cloud_controller.transfer import ChunkServer
+from cloud_controller.trust import Trust
+from cloud_controller.watching import ModelWatcher
 from protocol.messages import DeviceStatus
 
 logger = logging.getLogger(__name__)
@@ -39,6 +48,25 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
             migrate(engine)
             metrics = ControllerMetrics()
             bridge = Bridge(settings=settings, engine=engine, metrics=metrics, clock=clock)
+            store = ArtifactStore(settings.artifact_dir)
+            trust = Trust(settings)
+            chunks = ChunkServer(
+                settings=settings,
+                engine=engine,
+                store=store,
+                client=bridge.client,
+                metrics=metrics,
+            )
+            watcher = None
+            if settings.model_watch_dir is not None:
+                watcher = ModelWatcher(
+                    settings=settings,
+                    engine=engine,
+                    store=store,
+                    trust=trust,
+                    metrics=metrics,
+                    clock=clock,
+                )
 
             def devices_by_status() -> dict[DeviceStatus, int]:
                 with Session(engine) as session:
@@ -48,11 +76,23 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
                 devices_by_status=devices_by_status,
                 mqtt_connected=lambda: bridge.is_connected,
                 ingest_pending=lambda: bridge.pending,
+                transfers_active=lambda: chunks.active,
             )
             app.state.runtime = Runtime(
-                settings=settings, engine=engine, bridge=bridge, metrics=metrics, clock=clock
+                settings=settings,
+                engine=engine,
+                bridge=bridge,
+                metrics=metrics,
+                clock=clock,
+                store=store,
+                trust=trust,
+                chunks=chunks,
+                watcher=watcher,
             )
+            chunks.start()  # subscribes before the bridge connects
             bridge.start()
+            if watcher is not None:
+                watcher.start()
             logger.info(
                 "controller started",
                 extra={"mqtt": f"{settings.mqtt_host}:{settings.mqtt_port}"},
@@ -60,6 +100,9 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
             try:
                 yield
             finally:
+                if watcher is not None:
+                    watcher.stop()
+                chunks.stop()  # chunks in flight are answered while still connected
                 bridge.stop()
                 logger.info("controller stopped")
         finally:
@@ -68,6 +111,8 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
     app = FastAPI(title="Spillway controller", version="1", lifespan=lifespan)
     app.include_router(devices_api.router)
     app.include_router(results_api.router)
+    app.include_router(models_api.router)
+    app.include_router(models_api.alerts_router)
     app.include_router(health_api.router)
     _map_errors(app)
     return app
@@ -85,6 +130,10 @@ def _map_errors(app: FastAPI) -> None:
     @app.exception_handler(DesiredNotPublished)
     async def not_published(request: Request, exc: DesiredNotPublished) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "generation": exc.generation}, status_code=503)
+
+    @app.exception_handler(RegistryError)
+    async def registry_refused(request: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "reason": exc.reason}, status_code=exc.status_code)
 
     @app.exception_handler(SQLAlchemyError)
     async def database_failed(request: Request, exc: SQLAlchemyError) -> JSONResponse:

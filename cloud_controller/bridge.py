@@ -181,6 +181,12 @@ class Bridge:
     def is_connected(self) -> bool:
         return self._client.is_connected
 
+    @property
+    def client(self) -> MqttClient:
+        """The broker client, for other servers on the controller's one connection
+        (the chunk server); subscribe before ``start`` to be subscribed on the first CONNACK."""
+        return self._client
+
     def wait_connected(self, timeout_s: float) -> bool:
         return self._client.wait_connected(timeout_s)
 
@@ -462,9 +468,16 @@ class Bridge:
         ``DesiredNotPublished`` when the broker client refused the message (it is stored,
         and republished on the next connect).
         """
+        return self.amend_desired(device_id, lambda current: policy)
+
+    def amend_desired(
+        self, device_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> int:
+        """Like ``set_desired`` with ``change(current policy)``: read, change and commit
+        under one lock, so a concurrent update of another key is never lost."""
         with self._desired_lock:
             with Session(self._engine, expire_on_commit=False) as session:
-                row = desired.bump(session, device_id, policy, now=self._clock())
+                row = desired.amend(session, device_id, change, now=self._clock())
             try:
                 self._publish_desired(row)
             except MqttError as exc:

@@ -8,6 +8,8 @@ SQLAlchemy and uvicorn are imported only after the package check has passed.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -32,7 +34,15 @@ controller_app = typer.Typer(
     add_completion=False,
 )
 
-_CLOUD_PACKAGES = ("fastapi", "uvicorn", "sqlmodel", "sqlalchemy", "alembic", "prometheus_client")
+_CLOUD_PACKAGES = (
+    "fastapi",
+    "uvicorn",
+    "sqlmodel",
+    "sqlalchemy",
+    "alembic",
+    "prometheus_client",
+    "python_multipart",
+)
 
 
 def _fail(problem: str) -> NoReturn:
@@ -69,16 +79,34 @@ def database_reachable(database_url: str) -> Check:
     return check
 
 
+def directory_writable(path: Path, *, what: str) -> Check:
+    """``path`` exists (created when missing) and this process may write there."""
+
+    def check() -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PreflightError(f"{what} {path} cannot be created: {exc.strerror}") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PreflightError(f"{what} {path} is not writable")
+
+    return check
+
+
 def startup_checks(settings: CloudSettings) -> list[Check]:
     packages: tuple[str, ...] = _CLOUD_PACKAGES
     if settings.database_url.startswith("postgresql"):
         packages = (*packages, "psycopg2")
-    return [
+    checks = [
         packages_present(*packages, extra="cloud"),
         port_free(settings.http_host, settings.http_port, what="REST API"),
         tcp_reachable(settings.mqtt_host, settings.mqtt_port, what="MQTT broker"),
         database_reachable(settings.database_url),
+        directory_writable(settings.artifact_dir, what="artifact store"),
     ]
+    if settings.model_watch_dir is not None:
+        checks.append(directory_writable(settings.model_watch_dir, what="watched model folder"))
+    return checks
 
 
 @controller_app.command()

@@ -7,6 +7,7 @@ not hold. Knows nothing of MQTT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -20,11 +21,24 @@ def bump(
     session: Session, device_id: str, policy: dict[str, Any], *, now: datetime
 ) -> DeviceDesired:
     """Store ``policy`` as the device's next generation (first is 1) and commit."""
+    return amend(session, device_id, lambda current: policy, now=now)
+
+
+def amend(
+    session: Session,
+    device_id: str,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    now: datetime,
+) -> DeviceDesired:
+    """Store ``change(current policy)`` as the device's next generation and commit; the
+    current row is locked meanwhile (``{}`` when the device has none yet)."""
     if session.get(Device, device_id) is None:
         raise DeviceNotFound(device_id)
     row = session.exec(
         select(DeviceDesired).where(col(DeviceDesired.device_id) == device_id).with_for_update()
     ).first()
+    policy = change(dict(row.policy) if row is not None else {})
     if row is None:
         row = DeviceDesired(device_id=device_id, generation=1, policy=policy, updated_at=now)
     else:

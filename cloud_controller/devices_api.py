@@ -10,13 +10,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from cloud_controller import queries
+from cloud_controller import assignments, queries
 from cloud_controller.deps import BridgeDep, RuntimeDep, SessionDep, SettingsDep
 from cloud_controller.entities import (
     DesiredSet,
     DesiredUpdate,
     DevicePage,
     DevicePublic,
+    ModelAssign,
     TelemetryPublic,
 )
 from cloud_controller.paging import check_page_size, query_error
@@ -85,3 +86,16 @@ def put_desired(device_id: str, body: DesiredUpdate, bridge: BridgeDep) -> Desir
     """Store the policy as the next generation and publish it to the device (retained)."""
     generation = bridge.set_desired(device_id, body.policy)
     return DesiredSet(device_id=device_id, generation=generation, policy=body.policy)
+
+
+@router.put("/{device_id}/model", response_model=DesiredSet)
+def put_model(device_id: str, body: ModelAssign, runtime: RuntimeDep) -> DesiredSet:
+    """Point the device at a ready model variant (the ``model`` key of its policy)."""
+    return assignments.assign_model(
+        bridge=runtime.bridge,
+        engine=runtime.engine,
+        device_id=device_id,
+        name=body.name,
+        version=body.version,
+        variant=body.variant,
+    )

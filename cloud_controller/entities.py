@@ -10,6 +10,7 @@ tables and the migrations agree. This module knows nothing of MQTT or HTTP.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -253,6 +254,165 @@ class ResultPublic(ResultBase):
 
 class ResultPage(SQLModel):
     items: list[ResultPublic]
+    total: int
+    page: int
+    page_size: int
+
+
+# -- model registry -----------------------------------------------------------------------
+
+
+class VersionState(StrEnum):
+    """Where a model version is in its life: detected -> validating -> ready | rejected;
+    a ready version may later be deprecated."""
+
+    DETECTED = "detected"
+    VALIDATING = "validating"
+    READY = "ready"
+    REJECTED = "rejected"
+    DEPRECATED = "deprecated"
+
+
+class VersionSource(StrEnum):
+    UPLOAD = "upload"
+    WATCH = "watch"
+
+
+class Model(SQLModel, table=True):
+    """A model by name (``sentence-transformers/all-MiniLM-L6-v2``); its versions hang off it."""
+
+    __tablename__ = "models"
+    __table_args__ = (sa.UniqueConstraint("name", name="uq_models_name"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    name: str = Field(max_length=128)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ModelVersion(SQLModel, table=True):
+    """One version of a model; only ``ready`` versions are served and assigned."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        sa.UniqueConstraint("model_id", "version", name="uq_model_versions_model_id_version"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    model_id: int = Field(sa_type=BigId, foreign_key="models.id", ondelete="CASCADE")
+    version: str = Field(max_length=64)
+    state: VersionState = Field(sa_type=sa.String(16))
+    reason: str | None = Field(default=None, sa_type=sa.Text)
+    """Why it was rejected or deprecated."""
+    source: VersionSource = Field(sa_type=sa.String(16))
+    created_at: datetime = Field(sa_type=UtcDateTime)
+    updated_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class VariantBase(SQLModel):
+    variant: str = Field(max_length=64)
+    precision: str = Field(max_length=16)
+    runtime: str = Field(max_length=32)
+    artifact_sha256: str = Field(max_length=64)
+    """The artifact's identity in the store and on the wire (``ChunkRequest``)."""
+    size_bytes: int = Field(sa_type=sa.BigInteger)
+    tokenizer_sha256: str = Field(max_length=64, index=True)
+    """The tokenizer the variant needs; served by the chunk server like the artifact."""
+    release: int = Field(sa_type=sa.BigInteger)
+    """The manifest's release counter (monotonic per model and variant)."""
+    manifest: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    """The signed manifest exactly as ``models.manifest.sign`` produced it."""
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class ModelVariant(VariantBase, table=True):
+    """One built artifact of a version (``int8-onnx``, ...), stored by its sha256."""
+
+    __tablename__ = "model_variants"
+    __table_args__ = (
+        sa.UniqueConstraint("version_id", "variant", name="uq_model_variants_version_id_variant"),
+        sa.UniqueConstraint("artifact_sha256", name="uq_model_variants_artifact_sha256"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    version_id: int = Field(sa_type=BigId, foreign_key="model_versions.id", ondelete="CASCADE")
+    artifact_path: str = Field(sa_type=sa.Text)
+    """Where the artifact lies, relative to ``CloudSettings.artifact_dir``."""
+
+
+class VariantPublic(VariantBase):
+    pass
+
+
+class VersionPublic(SQLModel):
+    model: str
+    version: str
+    state: VersionState
+    reason: str | None
+    source: VersionSource
+    created_at: datetime
+    updated_at: datetime
+    variants: list[VariantPublic]
+
+
+class ModelSummary(SQLModel):
+    name: str
+    created_at: datetime
+    current_version: str | None
+    """The highest ready version (PEP 440 order); None while there is none."""
+    versions: int
+
+
+class ModelPublic(SQLModel):
+    name: str
+    created_at: datetime
+    current_version: str | None
+    versions: list[VersionPublic]
+    """Newest first."""
+
+
+class ModelPage(SQLModel):
+    items: list[ModelSummary]
+    total: int
+    page: int
+    page_size: int
+
+
+class ModelAssign(SQLModel):
+    """Body of ``PUT /api/v1/devices/{id}/model``."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    name: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    variant: str = Field(min_length=1, max_length=64)
+
+
+# -- alerts -------------------------------------------------------------------------------
+
+
+class AlertBase(SQLModel):
+    kind: str = Field(max_length=32, index=True)
+    """What happened, e.g. ``model_rejected``."""
+    subject: str = Field(sa_type=sa.Text)
+    """What it happened to, e.g. ``name@version`` or a dropped folder."""
+    message: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class Alert(AlertBase, table=True):
+    """Something an operator should look at; rows are only ever appended."""
+
+    __tablename__ = "alerts"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+
+
+class AlertPublic(AlertBase):
+    id: int
+
+
+class AlertPage(SQLModel):
+    items: list[AlertPublic]
     total: int
     page: int
     page_size: int

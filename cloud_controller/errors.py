@@ -3,8 +3,18 @@
 ControllerError            base class
 ├── DeviceNotFound         permanent: no device with that id (404)
 ├── ResultNotFound         permanent: no stored result for that request id (404)
-└── DesiredNotPublished    temporary: stored, but the broker client refused it (503);
-                           the bridge republishes every desired state on reconnect
+├── DesiredNotPublished    temporary: stored, but the broker client refused it (503);
+│                          the bridge republishes every desired state on reconnect
+└── RegistryError          the model registry refused a request
+    ├── ModelNotFound      permanent: no such model, version or variant (404)
+    ├── ModelConflict      permanent: the registry's state forbids it - already
+    │                      registered, deprecated, not ready (409)
+    ├── UploadMalformed    permanent: the request is not a usable upload (400)
+    ├── UploadRejected     permanent: signature, integrity or name check failed (422)
+    └── UploadTooLarge     permanent: larger than ``max_upload_bytes`` (413)
+
+Registry errors carry a short machine-readable ``reason`` (``bad_signature``,
+``digest_mismatch``, ...) beside the message.
 """
 
 from __future__ import annotations
@@ -37,3 +47,39 @@ class DesiredNotPublished(ControllerError):
         )
         self.device_id = device_id
         self.generation = generation
+
+
+class RegistryError(ControllerError):
+    """Base of the model registry's refusals; ``reason`` is a short machine-readable word."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ModelNotFound(RegistryError, LookupError):
+    status_code = 404
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="not_found")
+
+
+class ModelConflict(RegistryError):
+    status_code = 409
+
+
+class UploadMalformed(RegistryError):
+    status_code = 400
+
+
+class UploadRejected(RegistryError):
+    status_code = 422
+
+
+class UploadTooLarge(RegistryError):
+    status_code = 413
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="too_large")

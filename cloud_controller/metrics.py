@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from protocol.messages import DeviceStatus
 
 _PENDING_HELP = "Accepted MQTT messages waiting to be written to the database."
+_ACTIVE_HELP = "Devices currently counted as transferring an artifact (bounded)."
 
 
 class _LiveCollector(Collector):
@@ -27,10 +28,12 @@ class _LiveCollector(Collector):
         devices_by_status: Callable[[], Mapping[DeviceStatus, int]],
         mqtt_connected: Callable[[], bool],
         ingest_pending: Callable[[], int],
+        transfers_active: Callable[[], int],
     ) -> None:
         self._devices_by_status = devices_by_status
         self._mqtt_connected = mqtt_connected
         self._ingest_pending = ingest_pending
+        self._transfers_active = transfers_active
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -38,6 +41,7 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily("spillway_mqtt_connected", "1 while the bridge is connected.")
         yield GaugeMetricFamily("spillway_ingest_pending", _PENDING_HELP)
+        yield GaugeMetricFamily("spillway_transfer_active", _ACTIVE_HELP)
 
     def collect(self) -> Iterator[Metric]:
         devices = GaugeMetricFamily(
@@ -57,6 +61,9 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(
             "spillway_ingest_pending", _PENDING_HELP, value=float(self._ingest_pending())
+        )
+        yield GaugeMetricFamily(
+            "spillway_transfer_active", _ACTIVE_HELP, value=float(self._transfers_active())
         )
 
 
@@ -131,12 +138,61 @@ class ControllerMetrics:
             registry=self.registry,
         )
 
+        self.transfer_chunks = Counter(
+            "spillway_transfer_chunks_total",
+            "Artifact chunks served (answered ok and acknowledged by the broker).",
+            registry=self.registry,
+        )
+        self.transfer_bytes = Counter(
+            "spillway_transfer_bytes_total",
+            "Artifact bytes served in chunks.",
+            registry=self.registry,
+        )
+        self.transfer_busy = Counter(
+            "spillway_transfer_busy_total",
+            "Chunk requests answered busy (transfer bound reached or workers' queue full).",
+            registry=self.registry,
+        )
+        self.transfer_refused = Counter(
+            "spillway_transfer_refused_total",
+            "Chunk requests refused, by status (not_found, bad_range, invalid).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.transfer_publish_failed = Counter(
+            "spillway_transfer_publish_failed_total",
+            "Chunk answers the broker client refused or did not acknowledge in time.",
+            registry=self.registry,
+        )
+        self.models_detected = Counter(
+            "spillway_models_detected_total",
+            "Folders taken from the watched model directory.",
+            registry=self.registry,
+        )
+        self.models_registered = Counter(
+            "spillway_models_registered_total",
+            "Model versions that became ready from the watched directory.",
+            registry=self.registry,
+        )
+        self.models_rejected = Counter(
+            "spillway_models_rejected_total",
+            "Dropped models rejected (each raised an alert).",
+            registry=self.registry,
+        )
+        self.model_uploads = Counter(
+            "spillway_model_uploads_total",
+            "Variant uploads, by outcome (ready, or the refusal's reason).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def watch(
         self,
         *,
         devices_by_status: Callable[[], Mapping[DeviceStatus, int]],
         mqtt_connected: Callable[[], bool],
         ingest_pending: Callable[[], int],
+        transfers_active: Callable[[], int] = lambda: 0,
     ) -> None:
         """Register the scrape-time gauges (once, when the app starts)."""
         self.registry.register(
@@ -144,6 +200,7 @@ class ControllerMetrics:
                 devices_by_status=devices_by_status,
                 mqtt_connected=mqtt_connected,
                 ingest_pending=ingest_pending,
+                transfers_active=transfers_active,
             )
         )
 

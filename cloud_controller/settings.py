@@ -8,6 +8,7 @@ touches the disk or the network.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
@@ -16,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from protocol.codec import DEFAULT_MAX_BYTES
 from protocol.mqtt import MqttSettings
 from protocol.topics import DEFAULT_ROOT
+from protocol.transfer import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+
+WATCH_VARIANTS = ("fp32-onnx", "int8-onnx", "fp16-onnx")
+"""Variants built from a dropped FP32 ONNX file (a ``.pt`` file gives ``fp32-torchscript``)."""
 
 
 class CloudSettings(BaseSettings):
@@ -77,6 +82,47 @@ class CloudSettings(BaseSettings):
     """Seconds (of the controller's clock) between two retention cleanups of results."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Threshold of the JSON logs written to stderr."""
+
+    # -- model registry -------------------------------------------------------------------
+    artifact_dir: Path = Path("var/artifacts")
+    """Content-addressed artifact store (``<dir>/<sha[:2]>/<sha>``); created when needed."""
+    signing_key_path: Path = Path("var/keys/signing.key")
+    """Ed25519 key (PEM) that signs the manifests of variants built from the watched
+    directory; generated once (dev key, public half at ``<path>.pub``) when absent."""
+    trusted_keys_dir: Path | None = None
+    """Folder of ``*.pub`` Ed25519 public keys (PEM) whose manifests uploads may carry;
+    None: only the controller's own key (``signing_key_path``) is trusted."""
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
+    """Largest artifact (and tokenizer) in bytes an upload may carry; larger ones get a 413."""
+    model_watch_dir: Path | None = None
+    """Folder watched for dropped models (``<name>-<version>/`` holding ``model.json`` and a
+    ``.onnx`` or ``.pt`` file); None: no watching."""
+    model_watch_interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between two scans of ``model_watch_dir``; a folder is taken once two scans
+    in a row saw the same files (names, sizes, modification times)."""
+    model_watch_variants: tuple[str, ...] = WATCH_VARIANTS
+    """Variants built from a dropped FP32 ONNX file; ``fp32-onnx`` (the file itself) always is."""
+    model_eval_sentences: int = Field(default=1200, ge=10)
+    """Held-out sentences the quality gate of a dropped model's variants is measured on."""
+
+    # -- artifact transfer ----------------------------------------------------------------
+    transfer_max_chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1, le=MAX_CHUNK_BYTES)
+    """Largest chunk in bytes a device may ask for; larger requests get ``bad_range``. The
+    default keeps a frame under EMQX's default 1 MiB packet cap."""
+    max_concurrent_transfers: int = Field(default=8, ge=1)
+    """Devices that may transfer at once; the next one is answered ``busy``."""
+    transfer_active_window_s: float = Field(default=30.0, gt=0)
+    """Seconds after its last chunk request during which a device counts as transferring
+    (a device that fetched an artifact's last chunk stops counting at once)."""
+    transfer_retry_after_ms: int = Field(default=2000, ge=0)
+    """``retry_after_ms`` of a ``busy`` answer."""
+    transfer_workers: int = Field(default=4, ge=1)
+    """Threads that read chunks and publish answers (never paho's network thread)."""
+    transfer_queue_max: int = Field(default=256, ge=1)
+    """Chunk requests that may wait for a worker; beyond it they are answered ``busy``."""
+    transfer_publish_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds a worker waits for the broker's PUBACK of a chunk before giving up on it;
+    waiting keeps at most ``transfer_workers`` chunks in memory."""
 
     @field_validator("log_level", mode="before")
     @classmethod

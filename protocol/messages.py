@@ -90,6 +90,28 @@ class Telemetry(Envelope):
     metrics: dict[str, float] = Field(default_factory=dict, max_length=256)
 
 
+class ModelAssignment(BaseModel):
+    """Which model variant a device should run; lives under ``DesiredState.policy["model"]``.
+
+    The agent verifies ``manifest`` (a signed manifest, ``models.verify``) and pulls the
+    artifact and the tokenizer by digest from the chunk server.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    variant: str = Field(min_length=1, max_length=64)
+    artifact_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    manifest: dict[str, Any]
+
+
+MODEL_POLICY_KEY = "model"
+"""The policy key a ``ModelAssignment`` is stored under."""
+
+
 class DesiredState(Envelope):
     """What the cloud wants a device to run. Generations only ever grow."""
 

@@ -1,8 +1,12 @@
-"""Fixtures for the controller's tests: a running controller app on a real broker and DB."""
+"""Fixtures for the controller's tests: a running controller app on a real broker and DB,
+and the real model variants built (once, content-hashed) into ``.cache/test-models``."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +22,38 @@ from tests.controller.helpers import (
     wait_subscribed,
 )
 
+#: Where the tests' variants are built (the same cache as tests/models uses).
+BUILD_DIR = Path(os.environ.get("SPILLWAY_TEST_MODELS", ".cache/test-models"))
+TEST_EVAL_SENTENCES = 200
+
+
+@pytest.fixture(scope="session")
+def test_models() -> Path:
+    """``fp32-onnx`` built by ``models.build`` (a no-op when cached), with the dev signing
+    key under ``keys/``. Only FP32: the tests need one real artifact, and the reduced
+    precision recipes (and their gates) are ``models``' business."""
+    from models.build import BuildOptions, build_all
+
+    warnings.filterwarnings("ignore")
+    build_all(
+        BuildOptions(out=BUILD_DIR, eval_sentences=TEST_EVAL_SENTENCES, variants=("fp32-onnx",))
+    )
+    return BUILD_DIR
+
 
 @pytest.fixture
-def make_controller(
-    broker: MosquittoBroker,
-) -> Iterator[Callable[..., Controller]]:
-    """``make_controller(database_url, **settings)``: a started app, connected to the broker."""
+def make_controller(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Callable[..., Controller]]:
+    """``make_controller(database_url, clock=None, **settings)``: a started app, connected to
+    the broker; its artifact store and signing key live under ``tmp_path``."""
     stack: list[TestClient] = []
 
-    def make(database_url: str, **overrides: Any) -> Controller:
+    def make(
+        database_url: str, *, clock: ManualClock | None = None, **overrides: Any
+    ) -> Controller:
+        overrides.setdefault("artifact_dir", tmp_path / f"artifacts-{len(stack)}")
+        overrides.setdefault("signing_key_path", tmp_path / f"keys-{len(stack)}" / "signing.key")
         settings = settings_for(broker, database_url, **overrides)
-        clock = ManualClock()
+        clock = clock or ManualClock()
         app = create_app(settings, clock=clock)
         http = TestClient(app)
         http.__enter__()

@@ -21,6 +21,10 @@ TABLES = {
     "reported_states",
     "telemetry_samples",
     "results",
+    "models",
+    "model_versions",
+    "model_variants",
+    "alerts",
 }
 
 

@@ -1,0 +1,220 @@
+"""The chunk server over a real mosquitto: a device pulls an artifact in checked chunks
+and reassembles it exactly; bad ranges, unknown and deprecated digests are refused; the
+concurrent-transfer bound answers ``busy``; and only the requested range is ever read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session
+
+from cloud_controller import artifacts, registry
+from cloud_controller.entities import VersionSource, VersionState
+from sim.broker import MosquittoBroker
+from tests.controller.helpers import Controller, ManualClock
+from tests.controller.model_helpers import ChunkClient, built_manifest, synthetic, upload
+
+MakeController = Callable[..., Controller]
+
+
+@pytest.fixture
+def clients(broker: MosquittoBroker) -> Iterator[Callable[[str], ChunkClient]]:
+    made: list[ChunkClient] = []
+
+    def make(device_id: str) -> ChunkClient:
+        client = ChunkClient(broker, device_id)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.stop()
+
+
+def _controller(make: MakeController, database_url: str, models: Path, **kw: object) -> Controller:
+    return make(
+        database_url,
+        clock=ManualClock(datetime.now(UTC)),
+        trusted_keys_dir=models / "keys",
+        **kw,
+    )
+
+
+def test_a_device_pulls_a_real_artifact_chunk_by_chunk(
+    make_controller: MakeController,
+    database_url: str,
+    test_models: Path,
+    clients: Callable[[str], ChunkClient],
+) -> None:
+    controller = _controller(make_controller, database_url, test_models)
+    variant_dir = test_models / "fp32-onnx"
+    response = upload(
+        controller.http,
+        "minilm",
+        synthetic_for_file(test_models, variant_dir / "model.onnx"),
+        variant_dir / "model.onnx",
+        tokenizer=variant_dir / "tokenizer.json",
+    )
+    assert response.status_code == 201, response.text
+    expected = built_manifest(test_models, "fp32-onnx")["manifest"]
+    client = clients("edge-pull-1")
+
+    chunk = controller.settings.transfer_max_chunk_bytes
+    data = client.fetch(expected["sha256"], chunk_bytes=chunk)
+    assert len(data) == expected["size_bytes"]
+    assert hashlib.sha256(data).hexdigest() == expected["sha256"]
+    chunks = -(-expected["size_bytes"] // chunk)
+    assert controller.metric("spillway_transfer_chunks_total") == chunks
+    assert controller.metric("spillway_transfer_bytes_total") == expected["size_bytes"]
+
+    # The tokenizer is served by its digest too, here in small chunks; resuming from an
+    # offset is just asking for it.
+    tokenizer = (variant_dir / "tokenizer.json").read_bytes()
+    whole = client.fetch(expected["tokenizer_sha256"], chunk_bytes=100_000)
+    assert whole == tokenizer
+    header, tail = client.ask(expected["tokenizer_sha256"], 400_000, 100_000)
+    assert header.status == "ok" and tail == tokenizer[400_000:]
+    assert header.total_bytes == len(tokenizer)
+    assert controller.metric("spillway_transfer_active") == 0  # last chunk fetched
+
+
+def synthetic_for_file(models: Path, path: Path) -> bytes:
+    """A dev-key manifest naming the model ``minilm`` for the real file at ``path``."""
+    manifest = built_manifest(models, "fp32-onnx")["manifest"]
+    return synthetic(
+        models,
+        b"",
+        model_name="minilm",
+        sha256=manifest["sha256"],
+        size_bytes=manifest["size_bytes"],
+    )
+
+
+def _register_blob(controller: Controller, data: bytes, models: Path, *, version: str) -> str:
+    tokenizer = (models / "fp32-onnx" / "tokenizer.json").read_bytes()
+    manifest = synthetic(models, data, model_name="tiny", model_version=version)
+    response = upload(controller.http, "tiny", manifest, data, tokenizer=tokenizer)
+    assert response.status_code == 201, response.text
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_bad_ranges_unknown_and_deprecated_artifacts_are_refused(
+    make_controller: MakeController,
+    database_url: str,
+    test_models: Path,
+    clients: Callable[[str], ChunkClient],
+) -> None:
+    controller = _controller(
+        make_controller, database_url, test_models, transfer_max_chunk_bytes=4096
+    )
+    data = os.urandom(10_000)
+    sha = _register_blob(controller, data, test_models, version="1.0.0")
+    client = clients("edge-refused-1")
+
+    header, body = client.ask(sha, 8192, 4096)  # the last, shorter chunk
+    assert header.status == "ok" and body == data[8192:] and header.total_bytes == 10_000
+    header, body = client.ask(sha, 10_000, 10)
+    assert header.status == "bad_range" and body == b"" and "past the end" in (header.detail or "")
+    header, _ = client.ask(sha, 0, 4097)
+    assert header.status == "bad_range" and "largest chunk" in (header.detail or "")
+    unknown = "0" * 64
+    header, _ = client.ask(unknown, 0, 10)
+    assert header.status == "not_found" and "registered" in (header.detail or "")
+
+    assert controller.http.post("/api/v1/models/tiny/versions/1.0.0/deprecate").status_code == 200
+    header, _ = client.ask(sha, 0, 10)
+    assert header.status == "not_found"
+    assert "tiny@1.0.0, which is deprecated" in (header.detail or "")
+    assert controller.metric("spillway_transfer_refused_total", status="bad_range") == 2
+    assert controller.metric("spillway_transfer_refused_total", status="not_found") == 2
+
+
+def test_the_concurrent_transfer_bound_answers_busy(
+    make_controller: MakeController,
+    database_url: str,
+    test_models: Path,
+    clients: Callable[[str], ChunkClient],
+) -> None:
+    controller = _controller(
+        make_controller,
+        database_url,
+        test_models,
+        max_concurrent_transfers=1,
+        transfer_retry_after_ms=1234,
+    )
+    data = os.urandom(3000)
+    sha = _register_blob(controller, data, test_models, version="1.0.0")
+    first, second = clients("edge-busy-a"), clients("edge-busy-b")
+
+    assert first.ask(sha, 0, 1000)[0].status == "ok"  # a is transferring now
+    assert controller.metric("spillway_transfer_active") == 1
+    header, body = second.ask(sha, 0, 1000)
+    assert header.status == "busy" and header.retry_after_ms == 1234 and body == b""
+    assert first.ask(sha, 1000, 1000)[0].status == "ok"  # a keeps its slot
+    assert first.ask(sha, 2000, 1000)[0].status == "ok"  # a's last chunk frees the slot
+    header, body = second.ask(sha, 0, 1000)
+    assert header.status == "ok" and body == data[:1000]
+    assert controller.metric("spillway_transfer_busy_total") == 1
+
+
+def test_only_the_requested_range_is_read_from_a_huge_sparse_artifact(
+    make_controller: MakeController,
+    database_url: str,
+    clients: Callable[[str], ChunkClient],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    controller = make_controller(database_url)
+    store = controller.app.state.runtime.store
+    size = 64 * 2**30  # 64 GiB, sparse: reading it whole would never finish
+    sha = "ab" * 32  # the server looks blobs up by digest, it does not rehash them
+    path = store.path_for(sha)
+    path.parent.mkdir(parents=True)
+    marker = b"the bytes at the far end"
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.seek(size - 4096)
+        f.write(marker)
+    now = controller.clock()
+    with Session(controller.app.state.runtime.engine) as session:
+        row = registry.begin_version(
+            session, "huge", "1.0.0", source=VersionSource.UPLOAD, state=VersionState.READY, now=now
+        )
+        assert row.id is not None
+        manifest = {
+            "manifest": {
+                "variant": "fp32-onnx",
+                "precision": "fp32",
+                "runtime": "onnxruntime",
+                "sha256": sha,
+                "size_bytes": size,
+                "tokenizer_sha256": "cd" * 32,
+                "release": 1,
+            }
+        }
+        registry.add_variant(
+            session, row.id, signed=manifest, artifact_path=store.relative_path(sha), now=now
+        )
+        session.commit()
+
+    reads: list[tuple[int, int, int]] = []
+    real = artifacts.read_range
+
+    def counting(path: Path, offset: int, length: int) -> bytes:
+        data = real(path, offset, length)
+        reads.append((offset, length, len(data)))
+        return data
+
+    monkeypatch.setattr(artifacts, "read_range", counting)
+    client = clients("edge-sparse-1")
+    header, data = client.ask(sha, size - 4096, 64 * 1024)
+    assert header.status == "ok" and header.total_bytes == size
+    assert data == marker + bytes(4096 - len(marker))  # clipped at the end of the file
+    header, data = client.ask(sha, 2**30, 1000)
+    assert header.status == "ok" and data == bytes(1000)
+    assert reads == [(size - 4096, 4096, 4096), (2**30, 1000, 1000)]
