@@ -212,7 +212,12 @@ class Bridge:
                 self._metrics.ignored.labels(channel_label, "cleared").inc()
                 return
             try:
-                decoded = decode(message.payload, model, max_bytes=self._settings.max_payload_bytes)
+                limit = (
+                    self._settings.max_result_payload_bytes
+                    if parsed.channel is DeviceChannel.RESULTS
+                    else self._settings.max_payload_bytes
+                )
+                decoded = decode(message.payload, model, max_bytes=limit)
             except DecodeError as exc:
                 self._reject(channel_label, exc.reason, str(exc), message.topic)
                 return

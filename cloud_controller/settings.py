@@ -66,6 +66,9 @@ class CloudSettings(BaseSettings):
     """Largest ``page_size`` a list request may ask for; larger requests get a 422."""
     max_payload_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     """Largest inbound MQTT payload in bytes; larger ones are rejected as ``oversized``."""
+    max_result_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    """Largest ``ResultBatch`` payload in bytes: one record of a 256-text request with its
+    embeddings is about 700 KB, and a record cannot be split, so this is larger."""
     telemetry_history: int = Field(default=100, ge=1)
     """Telemetry samples kept per device; older ones are deleted as new ones arrive."""
     ingest_queue_max: int = Field(default=10_000, ge=1)

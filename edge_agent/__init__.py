@@ -11,6 +11,13 @@ Modules: ``settings`` (EdgeSettings), ``agent`` (wiring and lifecycle), ``reconc
 (desired -> applied), ``state`` (what survives restarts), ``presence`` (Hello, Presence,
 Will), ``telemetry`` (heartbeats, samples), ``periodic`` (clocked loops), ``probe`` (the
 host), ``clock``, ``preflight`` (start-up checks) and ``cli`` (``spillway agent run``).
+
+Local serving (only with a model dir): ``stack`` (assembly), ``serving`` (the runtime and
+model loading), ``padding`` (length-grouped batches), ``offload`` (the pure overflow
+policy), ``cloud`` (the pool over MQTT), ``results`` (group commit into the outbox),
+``outbox`` (durable SQLite), ``uplink`` (outbox -> controller, acks), ``metrics``
+(prometheus and telemetry numbers), ``eventloop`` (the serving loop's thread),
+``ingress_http`` (``POST /v1/embed``, ``/metrics``, ``/healthz``) and ``ingress_mqtt``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent, AgentStateError
+    from edge_agent.agent import Agent, AgentStateError, ServingStartError
     from edge_agent.clock import Clock, SystemClock
     from edge_agent.reconcile import (
         AlreadyApplied,
@@ -50,6 +57,7 @@ _HOMES = {
     "Stale": "edge_agent.reconcile",
     "StateError": "edge_agent.state",
     "StateStore": "edge_agent.state",
+    "ServingStartError": "edge_agent.agent",
     "SystemClock": "edge_agent.clock",
     "decide": "edge_agent.reconcile",
 }
@@ -67,6 +75,7 @@ __all__ = [
     "JsonPolicyApplier",
     "PolicyApplier",
     "PolicyError",
+    "ServingStartError",
     "Stale",
     "StateError",
     "StateStore",

@@ -6,9 +6,14 @@ topic and starts the heartbeat and telemetry loops. After every CONNACK a connec
 sends ``Hello``, a retained ``Presence(online)`` and re-reports the current state.
 ``Agent.stop()`` publishes ``Presence(offline, "shutdown")`` and disconnects cleanly.
 
+With a model dir in the settings the agent also serves inference (``stack.ServingStack``:
+HTTP and MQTT ingress, batching, offload, the outbox and its uplink); the stack is built
+before the client starts so its subscriptions go out with every CONNACK, and it is
+imported only then, so an agent without a model never loads numpy or a web framework.
+
 An unreachable broker is not an error here: the client keeps retrying with backoff while
-the device keeps its applied state; signals and process exit codes belong to ``cli``.
-This module must not know the controller, the simulator or the CLI root.
+the device keeps its applied state and keeps serving; signals and process exit codes
+belong to ``cli``. This module must not know the controller, the simulator or the CLI root.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_agent import presence
 from edge_agent.clock import Clock, SystemClock
@@ -30,6 +36,10 @@ from protocol.codec import RejectCounter, encode
 from protocol.messages import RuntimeCapabilities
 from protocol.mqtt import MqttClient, MqttError
 from protocol.topics import DeviceChannel, Topics
+
+if TYPE_CHECKING:
+    from edge_agent.serving import ServingModel
+    from edge_agent.stack import ServingStack
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +59,16 @@ class _Running:
     heartbeats: HeartbeatSender
     telemetry: TelemetrySender
     tasks: list[PeriodicTask]
+    serving: ServingStack | None
 
 
 class AgentStateError(RuntimeError):
     """The agent was used out of order (stopped before start, started twice)."""
+
+
+class ServingStartError(RuntimeError):
+    """Local serving could not start (model, trusted key, HTTP port): permanent for this
+    configuration; the message names the problem."""
 
 
 class Agent:
@@ -66,12 +82,15 @@ class Agent:
         applier: PolicyApplier | None = None,
         probe: SystemProbe | None = None,
         on_applied: Callable[[int], None] | None = None,
+        model: ServingModel | None = None,
     ) -> None:
+        """``model`` replaces loading ``settings.model_variant`` (tests, benchmarks)."""
         self.settings = settings
         self._clock: Clock = clock or SystemClock()
         self._applier: PolicyApplier = applier or JsonPolicyApplier()
         self._probe = probe
         self._on_applied = on_applied
+        self._model = model
         self._topics = Topics(settings.topic_root)
         self.rejects = RejectCounter()
         """Dropped inbound messages by (channel, reason)."""
@@ -106,6 +125,23 @@ class Agent:
             rejects=self.rejects,
             on_applied=self._on_applied,
         )
+        serving: ServingStack | None = None
+        if settings.serving:
+            from edge_agent.serving import ServingError
+            from edge_agent.stack import ServingStack
+
+            try:
+                serving = ServingStack(
+                    settings,
+                    client=client,
+                    boot_epoch=boot_epoch,
+                    clock=self._clock,
+                    topics=self._topics,
+                    rejects=self.rejects,
+                    model=self._model,
+                )
+            except ServingError as exc:
+                raise ServingStartError(str(exc)) from exc
         heartbeats = HeartbeatSender(
             device_id=device_id,
             topics=self._topics,
@@ -121,7 +157,7 @@ class Agent:
             boot_epoch=boot_epoch,
             clock=self._clock,
             probe=probe,
-            agent_metrics=self._counter_metrics,
+            agent_metrics=self._telemetry_metrics,
         )
         tasks = [
             PeriodicTask(
@@ -146,6 +182,7 @@ class Agent:
             heartbeats,
             telemetry,
             tasks,
+            serving,
         )
         desired = DeviceChannel.DESIRED
         client.subscribe(
@@ -153,6 +190,17 @@ class Agent:
         )
         client.add_connect_hook(self._on_connect)
         reconciler.start()
+        if serving is not None:
+            from edge_agent.serving import ServingError
+
+            try:
+                serving.start()
+            except BaseException as exc:
+                serving.stop()
+                reconciler.stop()
+                if isinstance(exc, ServingError):
+                    raise ServingStartError(str(exc)) from exc
+                raise
         client.start()
         for task in tasks:
             task.start()
@@ -174,6 +222,8 @@ class Agent:
         self._stopped = True  # the run stays inspectable (counters, applied generations)
         for task in run.tasks:
             task.stop()
+        if run.serving is not None:
+            run.serving.stop()
         run.reconciler.stop()
 
         def say_goodbye() -> None:
@@ -211,6 +261,17 @@ class Agent:
         return self._running().client.wait_connected(timeout_s)
 
     @property
+    def serving(self) -> ServingStack | None:
+        """The local inference stack; None when the agent has no model dir."""
+        return self._running().serving
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the HTTP ingress (None: not serving HTTP)."""
+        serving = self._running().serving
+        return None if serving is None else serving.http_port
+
+    @property
     def applied_state(self) -> AppliedState:
         return self._running().reconciler.state
 
@@ -236,6 +297,8 @@ class Agent:
             counts[f"{channel}_rejected_{reason}"] = count
             rejected += count
         counts["rejected"] = rejected
+        if run.serving is not None:
+            counts.update(run.serving.counters())
         return counts
 
     # -- internals ---------------------------------------------------------------------
@@ -245,8 +308,12 @@ class Agent:
             raise AgentStateError("the agent was never started")
         return self._run
 
-    def _counter_metrics(self) -> dict[str, float]:
-        return {f"{name}_total": float(value) for name, value in self.counters().items()}
+    def _telemetry_metrics(self) -> dict[str, float]:
+        metrics = {f"{name}_total": float(value) for name, value in self.counters().items()}
+        serving = self._running().serving
+        if serving is not None:
+            metrics.update(serving.telemetry())
+        return metrics
 
     def _on_connect(self, session_present: bool) -> None:
         """Runs on the MQTT network thread after every CONNACK: must not wait for acks."""

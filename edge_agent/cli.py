@@ -73,6 +73,27 @@ def run(
     telemetry_interval_s: Annotated[
         float | None, typer.Option(help="Seconds between telemetry samples.")
     ] = None,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of published model variants; serving is on only with it."),
+    ] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Variant to serve (default int8-onnx).")
+    ] = None,
+    trusted_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Manifest signing public key (default <model-dir>/keys/signing.key.pub)."
+        ),
+    ] = None,
+    http_host: Annotated[str | None, typer.Option(help="HTTP ingress address.")] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="HTTP ingress port (0: any free port).")
+    ] = None,
+    no_http: Annotated[bool, typer.Option("--no-http", help="No HTTP ingress.")] = False,
+    intra_op_threads: Annotated[
+        int | None, typer.Option(help="ONNX Runtime intra-op threads (0: one per core).")
+    ] = None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     from edge_agent import preflight
@@ -88,15 +109,26 @@ def run(
             "keepalive_s": keepalive_s,
             "heartbeat_interval_s": heartbeat_interval_s,
             "telemetry_interval_s": telemetry_interval_s,
+            "model_dir": model_dir,
+            "model_variant": variant,
+            "trusted_key_file": trusted_key,
+            "http_host": http_host,
+            "http_port": http_port,
+            "intra_op_threads": intra_op_threads,
         }
         if label:
             overrides["labels"] = parse_labels(label)
-        settings = preflight.load_settings({k: v for k, v in overrides.items() if v is not None})
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if no_http:
+            values["http_port"] = None
+        settings = preflight.load_settings(values)
         run_checks([preflight.state_dir_writable(settings.state_dir)])
+        if settings.serving:
+            run_checks(preflight.serving_checks(settings))
     except PreflightError as exc:
         raise _fail(exc) from None
 
-    from edge_agent.agent import Agent
+    from edge_agent.agent import Agent, ServingStartError
     from edge_agent.state import StateError
     from spillway.logs import configure_json_logging
 
@@ -114,7 +146,7 @@ def run(
     agent = Agent(settings)
     try:
         agent.start()
-    except StateError as exc:
+    except (StateError, ServingStartError) as exc:
         raise _fail(exc) from None
     agent.run_forever(stop)
     sys.stderr.flush()

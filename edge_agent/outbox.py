@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class OutboxLimits:
     max_age_s: float = 7 * 24 * 3600
     """Records older than this are dropped (and counted) on the next append."""
     policy: FullPolicy = FullPolicy.DROP_OLDEST
+    synchronous: Literal["full", "normal"] = "full"
+    """``full``: fsync on every commit (survives power loss). ``normal`` (WAL): a commit
+    survives the process being killed, not the machine losing power."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={limits.synchronous.upper()}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._boot_epoch = boot_epoch
@@ -93,42 +98,67 @@ class Outbox:
             self._db.close()
 
     @property
+    def boot_epoch(self) -> int:
+        return self._boot_epoch
+
+    @property
     def dropped(self) -> int:
-        row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
         return int(row[0]) if row else 0
 
     def size(self) -> tuple[int, int]:
         """(records, payload bytes) waiting."""
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")
-        count, size = row.fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+            ).fetchone()
+        count, size = row
         return int(count), int(size)
 
     def append(self, kind: str, payload: bytes, *, now: float) -> Record:
         """Commit one record durably and return it with its key."""
+        (record,) = self.append_many(kind, [lambda seq: payload], now=now)
+        return record
+
+    def append_many(
+        self, kind: str, payloads: Sequence[Callable[[int], bytes]], *, now: float
+    ) -> list[Record]:
+        """Commit several records in one transaction (one fsync): a group commit.
+
+        Each payload is built by calling its factory with the record's ``seq``, so a
+        payload can carry its own key. All or none are committed; on ``OutboxFull`` none is.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._expire(now)
-                self._make_room(len(payload))
-                record = Record(self._boot_epoch, self._next_seq, kind, payload, now)
-                self._db.execute(
-                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
-                    (record.boot_epoch, record.seq, kind, payload, now),
-                )
+                records: list[Record] = []
+                seq = self._next_seq
+                for make in payloads:
+                    payload = make(seq)
+                    self._make_room(len(payload))
+                    records.append(Record(self._boot_epoch, seq, kind, payload, now))
+                    self._db.execute(
+                        "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+                        (self._boot_epoch, seq, kind, payload, now),
+                    )
+                    seq += 1
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._next_seq += 1
-            return record
+            self._next_seq = seq
+            return records
 
     def pending(self, *, limit: int = 100) -> list[Record]:
         """Oldest first."""
-        rows = self._db.execute(
-            "SELECT boot_epoch, seq, kind, payload, created_at FROM outbox "
-            "ORDER BY boot_epoch, seq LIMIT ?",
-            (limit,),
-        ).fetchall()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT boot_epoch, seq, kind, payload, created_at FROM outbox "
+                "ORDER BY boot_epoch, seq LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [Record(int(b), int(s), str(k), bytes(p), float(c)) for b, s, k, p, c in rows]
 
     def ack(self, boot_epoch: int, seqs: list[int]) -> int:

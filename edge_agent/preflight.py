@@ -20,7 +20,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spillway.preflight import Check, PreflightError, packages_present, tcp_reachable
+from spillway.preflight import (
+    Check,
+    PreflightError,
+    packages_present,
+    port_free,
+    tcp_reachable,
+)
 
 if TYPE_CHECKING:
     from edge_agent.settings import EdgeSettings
@@ -28,10 +34,37 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUIRED_MODULES = ("paho.mqtt", "pydantic", "pydantic_settings", "psutil")
+SERVING_MODULES = ("numpy", "onnxruntime", "tokenizers", "fastapi", "uvicorn", "prometheus_client")
 
 
 def required_packages() -> Check:
     return packages_present(*REQUIRED_MODULES, extra="edge")
+
+
+def serving_packages() -> Check:
+    """What local inference needs (checked only when a model dir is given)."""
+    return packages_present(*SERVING_MODULES, extra="edge")
+
+
+def serving_checks(settings: EdgeSettings) -> list[Check]:
+    """Model files present and the HTTP port free, before anything is loaded."""
+    checks = [serving_packages()]
+    variant_dir = settings.variant_dir()
+
+    def model_present() -> None:
+        if not (variant_dir / "manifest.json").is_file():
+            raise PreflightError(
+                f"no manifest.json in {variant_dir}; pass --model-dir holding the "
+                f"'{settings.model_variant}' variant (spillway models build --out DIR)"
+            )
+        key = settings.public_key_file()
+        if not key.is_file():
+            raise PreflightError(f"trusted key {key} not found; pass --trusted-key")
+
+    checks.append(model_present)
+    if settings.http_port:
+        checks.append(port_free(settings.http_host, settings.http_port, what="HTTP ingress"))
+    return checks
 
 
 def load_settings(overrides: dict[str, Any]) -> EdgeSettings:

@@ -14,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import time
 from typing import Protocol
 
 import psutil
@@ -100,3 +101,63 @@ def _max_temperature_c() -> float | None:
         return None
     values = [t.current for entries in sensors.values() for t in entries if t.current]
     return float(max(values)) if values else None
+
+
+class LoadSampler:
+    """How busy the host is *besides this process*, for the adaptive batch limit.
+
+    The agent's own inference saturates a small board's cores by design; counting that as
+    "load" would shrink batches exactly when batching helps most. So the load is the CPU
+    share used by everyone else (system busy minus this process) or memory use, whichever
+    is higher. Samples are taken at most every ``min_interval_s`` (two reads of /proc), with
+    counters of its own so they never disturb ``HostProbe``'s ``cpu_percent`` windows.
+    """
+
+    def __init__(self, *, min_interval_s: float = 1.0) -> None:
+        self._proc = psutil.Process()
+        self._min_interval_s = min_interval_s
+        self._cpus = psutil.cpu_count() or 1
+        self._last = self._read()
+        self._sample: dict[str, float] = {
+            "cpu_percent": 0.0,
+            "agent_cpu_percent": 0.0,
+            "other_cpu_percent": 0.0,
+            "memory_percent": float(psutil.virtual_memory().percent),
+            "memory_used_mb": psutil.virtual_memory().used / _MB,
+        }
+
+    def _read(self) -> tuple[float, float, float, float]:
+        """(wall monotonic, system busy s, system total s, own cpu s)."""
+        t = psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        total = sum(t)
+        # guest time is already counted in user on Linux
+        total -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+        own = self._proc.cpu_times()
+        return time.monotonic(), total - idle, total, own.user + own.system
+
+    def sample(self) -> dict[str, float]:
+        """The latest sample (percentages of the whole host), refreshed when due."""
+        if time.monotonic() - self._last[0] < self._min_interval_s:
+            return self._sample
+        now = self._read()
+        wall, busy, total, own = (b - a for a, b in zip(self._last, now, strict=True))
+        self._last = now
+        if total <= 0 or wall <= 0:
+            return self._sample
+        cpu = 100.0 * busy / total
+        mine = min(cpu, 100.0 * own / (wall * self._cpus))
+        memory = psutil.virtual_memory()
+        self._sample = {
+            "cpu_percent": cpu,
+            "agent_cpu_percent": mine,
+            "other_cpu_percent": max(0.0, cpu - mine),
+            "memory_percent": float(memory.percent),
+            "memory_used_mb": memory.used / _MB,
+        }
+        return self._sample
+
+    def load(self) -> float:
+        """0..1: the larger of others' CPU share and memory use."""
+        s = self.sample()
+        return max(s["other_cpu_percent"], s["memory_percent"]) / 100.0

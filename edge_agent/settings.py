@@ -13,10 +13,14 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_agent.outbox import FullPolicy
 from protocol.mqtt import MqttSettings
 from protocol.topics import DEFAULT_ROOT, validate_device_id
 
 MAX_LABELS = 64
+DEFAULT_VARIANT = "int8-onnx"
+DEV_PUBLIC_KEY = Path("keys/signing.key.pub")
+"""Where ``spillway models build`` puts the dev public key, relative to the model dir."""
 
 
 def default_state_dir(device_id: str) -> Path:
@@ -65,6 +69,70 @@ class EdgeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Threshold of the JSON logs written to stderr."""
 
+    # -- local serving (on only when model_dir is given) -----------------------------
+
+    model_dir: Path | None = None
+    """Folder of published variants (``<model_dir>/<variant>/manifest.json``). None: the agent
+    serves nothing (presence, heartbeat and desired state only)."""
+    model_variant: str = Field(default=DEFAULT_VARIANT, min_length=1, max_length=64)
+    """Which variant under ``model_dir`` to load and serve."""
+    trusted_key_file: Path | None = None
+    """PEM Ed25519 public key that manifests must be signed with. None: the dev build layout,
+    ``<model_dir>/keys/signing.key.pub``."""
+    intra_op_threads: int = Field(default=0, ge=0, le=256)
+    """ONNX Runtime intra-op threads; 0 lets ORT pick (one per physical core)."""
+    http_host: str = "127.0.0.1"
+    """Address the local HTTP ingress binds; localhost keeps it on the device."""
+    http_port: int | None = Field(default=8470, ge=0, le=65535)
+    """Port of the local HTTP ingress (0: any free port). None: no HTTP ingress."""
+    mqtt_ingress: bool = True
+    """Answer ``InferRequest`` on the device's ``infer`` topic."""
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    """Most texts in one model call (the adaptive limit's ceiling)."""
+    min_batch_size: int = Field(default=1, ge=1, le=1024)
+    """Where the adaptive batch limit starts and the least it shrinks to."""
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    """How long, in ms, the oldest queued request waits for others to fill its batch."""
+    max_queue_items: int = Field(default=1024, ge=1)
+    """Texts waiting beyond this are rejected at once (``overloaded``, HTTP 429)."""
+    latency_budget_ms: float = Field(default=150.0, gt=0)
+    """Per-batch model latency, in ms, the adaptive batch limit keeps under."""
+    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Result payload bytes the outbox keeps at most before its full policy applies."""
+    outbox_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Seconds an unacknowledged result is kept; older ones are dropped and counted."""
+    outbox_full_policy: FullPolicy = FullPolicy.DROP_OLDEST
+    """``drop_oldest`` (counted) or ``reject_new`` (the request is answered ``error``)."""
+    outbox_synchronous: Literal["full", "normal"] = "full"
+    """SQLite ``synchronous`` of the outbox: ``full`` fsyncs every commit (survives power
+    loss); ``normal`` survives a killed process but not a power cut, and commits faster."""
+    uplink_max_batch_bytes: int = Field(default=192 * 1024, ge=4096)
+    """Most record bytes in one ``ResultBatch`` (the controller's default payload cap is
+    256 KiB); a single larger record still goes alone."""
+    uplink_inflight_records: int = Field(default=2000, ge=1)
+    """Records published and not yet acknowledged at most (flow control)."""
+    uplink_resend_after_s: float = Field(default=15.0, gt=0)
+    """Seconds without a ``ResultAck`` after which a published record is sent again."""
+    slo_ms: float = Field(default=250.0, gt=0)
+    """Latency objective, in ms, of a request without its own deadline; the overflow policy
+    offloads when the predicted local wait would miss it."""
+    offload_enabled: bool = True
+    """Offload to the cloud pool at all (still only while it says it is accepting)."""
+    offload_enter_ratio: float = Field(default=1.0, gt=0)
+    """Start overflowing when predicted local wait >= this x ``slo_ms``."""
+    offload_exit_ratio: float = Field(default=0.6, gt=0)
+    """Stop overflowing when predicted local wait <= this x ``slo_ms`` (hysteresis)."""
+    offload_rate_per_s: float = Field(default=50.0, ge=0)
+    """Offloaded requests per second at most (token bucket refill)."""
+    offload_burst: int = Field(default=20, ge=1)
+    """Offloads allowed back to back before the rate cap bites (token bucket size)."""
+    offload_policy_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Fraction of requests sent to the cloud by policy (e.g. quality sampling)."""
+    cloud_timeout_ms: float = Field(default=2000.0, gt=0)
+    """How long, in ms, an offloaded request waits for the pool before it is served locally."""
+    cloud_cooldown_s: float = Field(default=10.0, ge=0)
+    """Seconds the cloud is considered unavailable after a timeout or a refusal."""
+
     @model_validator(mode="before")
     @classmethod
     def _fill_state_dir(cls, data: Any) -> Any:
@@ -73,6 +141,33 @@ class EdgeSettings(BaseSettings):
             if isinstance(device_id, str):
                 data = {**data, "state_dir": default_state_dir(device_id)}
         return data
+
+    @model_validator(mode="after")
+    def _serving_bounds_agree(self) -> EdgeSettings:
+        if self.min_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"min_batch_size ({self.min_batch_size}) > max_batch_size ({self.max_batch_size})"
+            )
+        if self.offload_exit_ratio > self.offload_enter_ratio:
+            raise ValueError("offload_exit_ratio must be <= offload_enter_ratio (hysteresis)")
+        return self
+
+    @property
+    def serving(self) -> bool:
+        """Whether this agent serves inference (a model dir was given)."""
+        return self.model_dir is not None
+
+    def variant_dir(self) -> Path:
+        if self.model_dir is None:
+            raise ValueError("no model_dir: this agent does not serve")
+        return self.model_dir / self.model_variant
+
+    def public_key_file(self) -> Path:
+        if self.trusted_key_file is not None:
+            return self.trusted_key_file
+        if self.model_dir is None:
+            raise ValueError("no model_dir and no trusted_key_file")
+        return self.model_dir / DEV_PUBLIC_KEY
 
     @field_validator("device_id")
     @classmethod

@@ -16,6 +16,7 @@ so it succeeds here (it is not dropped); a QoS 0 publish made then raises.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -58,6 +59,10 @@ class InboundMessage:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: dict[str, str] = field(default_factory=dict)
+    ack: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    """With ``MqttSettings.manual_ack`` and QoS 1: sends the PUBACK; call it once the message
+    is fully handled. Until then the broker keeps the message and redelivers it after a
+    reconnect. None when the adapter acknowledges on its own (the default)."""
 
 
 Handler = Callable[[InboundMessage], None]
@@ -89,6 +94,9 @@ class MqttSettings:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    manual_ack: bool = False
+    """False: a QoS 1 message is acknowledged when its handler returns. True: the handler
+    gets ``InboundMessage.ack`` and the PUBACK waits for it (at-least-once processing)."""
 
 
 class BrokerClient(Protocol):
@@ -137,6 +145,7 @@ class MqttClient:
             client_id=settings.client_id,
             protocol=paho.MQTTv5,
             reconnect_on_failure=False,
+            manual_ack=settings.manual_ack,
         )
         self._client.max_inflight_messages_set(100)
         self._client.max_queued_messages_set(0)  # 0 = unbounded: never drop QoS 1 locally
@@ -344,8 +353,21 @@ class MqttClient:
     ) -> None:
         self._connected.clear()
 
+    def _ack(self, mid: int, qos: int, connection: int) -> None:
+        """PUBACK ``mid`` if it was delivered on the current connection; after a reconnect the
+        broker redelivers it instead (a stale mid could name another message)."""
+        if connection != self.connects or not self._connected.is_set():
+            logger.info("ack of mid %d skipped: delivered on an earlier connection", mid)
+            return
+        rc = self._client.ack(mid, qos)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            logger.warning("ack of mid %d failed: %s", mid, paho.error_string(rc))
+
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         props = msg.properties
+        ack: Callable[[], None] | None = None
+        if self._settings.manual_ack and msg.qos > 0:
+            ack = functools.partial(self._ack, msg.mid, msg.qos, self.connects)
         inbound = InboundMessage(
             topic=msg.topic,
             payload=bytes(msg.payload),
@@ -354,6 +376,7 @@ class MqttClient:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
             user_properties=dict(getattr(props, "UserProperty", []) or []),
+            ack=ack,
         )
         with self._lock:
             handlers = [

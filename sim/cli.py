@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sim.bench_agent import bench_agent
 from sim.broker import BrokerError
 from sim.demo import DemoError, DemoReport, DemoSettings, run_demo, write_report
 
@@ -54,3 +55,4 @@ def _summary(console: Console, result: DemoReport) -> None:
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("demo")(demo)
+    bench_app.command("agent", help="Agent end-to-end vs a raw onnxruntime loop.")(bench_agent)

@@ -124,10 +124,13 @@ def select(queue: Sequence[Pending[T]], *, max_items: int, now: float) -> Select
 class AdaptiveLimit:
     """Batch-size limit that grows under load while latency stays within budget.
 
-    After each batch: if the batch was full (there is demand), its per-batch latency is
-    under ``latency_budget_ms`` and the host has headroom, the limit doubles up to
-    ``ceiling``; if latency overran the budget or the host is saturated, it halves down to
-    ``floor``. Host load (0..1, the larger of CPU and memory use) scales the budget.
+    After each batch: if the batch was full and more was waiting behind it (there is
+    demand), its per-batch latency is under ``latency_budget_ms`` and the host has
+    headroom, the limit doubles up to ``ceiling``; if latency overran the budget or the
+    host is saturated, it halves down to ``floor``. A batch at most half the limit (demand
+    fell) also halves it, so a quiet device goes back to answering single requests without
+    waiting ``max_queue_delay_ms`` for a batch to fill. Host load (0..1, the larger of CPU
+    and memory use) scales the budget.
     """
 
     floor: int
@@ -141,11 +144,21 @@ class AdaptiveLimit:
             raise ValueError(f"need 1 <= floor ({self.floor}) <= ceiling ({self.ceiling})")
         self.limit = self.limit or self.floor
 
-    def observe(self, *, batch_items: int, latency_ms: float, host_load: float = 0.0) -> int:
+    def observe(
+        self,
+        *,
+        batch_items: int,
+        latency_ms: float,
+        host_load: float = 0.0,
+        backlog_items: int | None = None,
+    ) -> int:
+        """``backlog_items``: what was left queued when the batch was taken (None: unknown,
+        a full batch alone counts as demand)."""
         budget = self.latency_budget_ms * (1.0 - 0.5 * max(0.0, host_load - 0.5))
-        if latency_ms > budget or host_load >= self.load_high:
+        demand = batch_items >= self.limit and (backlog_items is None or backlog_items > 0)
+        if latency_ms > budget or host_load >= self.load_high or batch_items * 2 <= self.limit:
             self.limit = max(self.floor, self.limit // 2)
-        elif batch_items >= self.limit and latency_ms * 2 <= budget:
+        elif demand and latency_ms * 2 <= budget:
             self.limit = min(self.ceiling, self.limit * 2)
         return self.limit
 
@@ -278,6 +291,7 @@ class DynamicBatcher(Generic[T]):
         entries = [self._entries[p.seq] for p in chosen.batch]
         for p in chosen.batch:
             self._finish(p)
+        backlog = sum(p.size for p in chosen.rest)
         items, sizes = collate([p.items for p in chosen.batch])
         started = self._clock.monotonic()
         try:
@@ -294,7 +308,10 @@ class DynamicBatcher(Generic[T]):
         latency_ms = (self._clock.monotonic() - started) * 1000
         self.batches_run += 1
         self.limit.observe(
-            batch_items=len(items), latency_ms=latency_ms, host_load=self._host_load()
+            batch_items=len(items),
+            latency_ms=latency_ms,
+            host_load=self._host_load(),
+            backlog_items=backlog,
         )
         for entry, rows in zip(entries, parts, strict=True):
             if not entry.future.done():

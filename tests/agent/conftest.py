@@ -10,9 +10,13 @@ from typing import Any
 import pytest
 
 from edge_agent.agent import Agent
+from edge_agent.serving import ServingModel, load_serving_model
+from edge_agent.settings import EdgeSettings
+from models.build import FP32_ONNX, INT8_ONNX, BuildOptions, build_all
 from sim.broker import MosquittoBroker
 from tests.agent.helpers import (
     KEEPALIVE_S,
+    Acker,
     AgentFactory,
     AgentProcess,
     Cloud,
@@ -20,7 +24,12 @@ from tests.agent.helpers import (
     ProcessFactory,
     RecordingPublisher,
     edge_settings,
+    serving_settings,
 )
+
+#: Same cache and evaluation size as tests/models, so the variants are built once for both.
+BUILD_DIR = Path(os.environ.get("SPILLWAY_TEST_MODELS", ".cache/test-models"))
+TEST_EVAL_SENTENCES = 200
 
 
 @pytest.fixture(autouse=True)
@@ -96,3 +105,64 @@ def agent_process(broker: MosquittoBroker, tmp_path: Path) -> Iterator[ProcessFa
     yield make
     for proc in made:
         proc.cleanup()
+
+
+# -- serving ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The FP32 and INT8 ONNX variants, built (or found in the content-hashed cache)."""
+    build_all(
+        BuildOptions(
+            out=BUILD_DIR, eval_sentences=TEST_EVAL_SENTENCES, variants=(FP32_ONNX, INT8_ONNX)
+        )
+    )
+    return BUILD_DIR
+
+
+def _load(model_dir: Path, variant: str) -> ServingModel:
+    settings = EdgeSettings(
+        device_id="loader", model_dir=model_dir, model_variant=variant, intra_op_threads=1
+    )
+    return load_serving_model(settings)
+
+
+@pytest.fixture(scope="session")
+def int8_model(model_dir: Path) -> ServingModel:
+    """The edge's default variant, loaded (and verified) once per session."""
+    return _load(model_dir, INT8_ONNX)
+
+
+@pytest.fixture(scope="session")
+def fp32_model(model_dir: Path) -> ServingModel:
+    """What the test-only cloud pool serves."""
+    return _load(model_dir, FP32_ONNX)
+
+
+@pytest.fixture
+def acker(broker: MosquittoBroker) -> Iterator[Acker]:
+    a = Acker(broker)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def serving_agent(
+    broker: MosquittoBroker, tmp_path: Path, model_dir: Path, int8_model: ServingModel
+) -> Iterator[AgentFactory]:
+    """``serving_agent(model=..., **settings)`` -> a started Agent serving HTTP on a free port."""
+    made: list[Agent] = []
+
+    def make(*, model: ServingModel | None = None, **overrides: Any) -> Agent:
+        device_id = overrides.get("device_id", "dev-1")
+        state_dir = overrides.pop("state_dir", tmp_path / "state" / device_id)
+        settings = serving_settings(broker, state_dir, model_dir, **overrides)
+        agent = Agent(settings, model=model or int8_model)
+        agent.start()
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.stop()

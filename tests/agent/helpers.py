@@ -5,20 +5,36 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from edge_agent.agent import Agent
+from edge_agent.serving import ServingModel
 from edge_agent.settings import EdgeSettings
 from protocol.codec import decode, encode
+from protocol.inference import (
+    EmbeddingBlock,
+    InferRequest,
+    InferResponse,
+    InferStatus,
+    PoolStatus,
+    ResultAck,
+    ResultBatch,
+    ResultRecord,
+    Tier,
+)
 from protocol.messages import (
     DesiredState,
     Envelope,
@@ -28,7 +44,7 @@ from protocol.messages import (
     ReportedState,
     Telemetry,
 )
-from protocol.mqtt import InboundMessage, MqttClient, MqttSettings, NotConnected
+from protocol.mqtt import InboundMessage, MqttClient, MqttError, MqttSettings, NotConnected
 from protocol.topics import DeviceChannel, QoS, Topics
 from sim.broker import MosquittoBroker
 
@@ -268,3 +284,169 @@ class AgentProcess:
 
 
 ProcessFactory = Callable[..., AgentProcess]
+
+
+# -- serving ----------------------------------------------------------------------------
+
+
+class GatedModel:
+    """Wraps a ``ServingModel``'s embed: counts texts, and blocks while the gate is shut."""
+
+    def __init__(self, model: ServingModel) -> None:
+        self.inner = model
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        """Set once a batch is waiting at the shut gate."""
+        self.seen: list[str] = []
+
+    def embed(self, texts: list[str]) -> Any:
+        if not self.gate.is_set():
+            self.entered.set()
+            assert self.gate.wait(30), "gate never opened"
+        self.seen.extend(texts)
+        return self.inner.embed(texts)
+
+    def model(self) -> ServingModel:
+        return ServingModel(variant=self.inner.variant, device=self.inner.device, embed=self.embed)
+
+
+def post_embed(port: int, body: dict[str, Any], *, timeout_s: float = 30.0) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{port}/v1/embed", json=body, timeout=timeout_s)
+
+
+def outbox_rows(state_dir: Path) -> list[tuple[int, int, ResultRecord]]:
+    """(boot_epoch, seq, record) pending in an agent's outbox, read from its SQLite file."""
+    path = state_dir / "outbox.sqlite"
+    if not path.exists():
+        return []
+    with closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT boot_epoch, seq, payload FROM outbox ORDER BY 1, 2").fetchall()
+    return [(int(b), int(s), ResultRecord.model_validate_json(p)) for b, s, p in rows]
+
+
+def _test_client(broker: MosquittoBroker, prefix: str) -> MqttClient:
+    return MqttClient(
+        MqttSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"{prefix}-{uuid.uuid4().hex[:8]}",
+            keepalive_s=5,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.5,
+        )
+    )
+
+
+class Acker:
+    """Plays the controller's result ingest: records every key, acks after "committing"."""
+
+    def __init__(self, broker: MosquittoBroker, *, topics: Topics | None = None) -> None:
+        self.topics = topics or Topics()
+        self.client = _test_client(broker, "acker")
+        self.acking = True
+        self._lock = threading.Lock()
+        self.records: dict[tuple[str, int, int], ResultRecord] = {}
+        self.deliveries = 0
+        self.client.subscribe(
+            self.topics.all_devices(DeviceChannel.RESULTS), self._on_batch, qos=QoS.AT_LEAST_ONCE
+        )
+        self.client.start()
+        assert self.client.wait_connected(10), "acker did not connect"
+        time.sleep(0.1)
+
+    def _on_batch(self, msg: InboundMessage) -> None:
+        device_id = self.topics.parse_device(msg.topic).device_id
+        batch = decode(msg.payload, ResultBatch, max_bytes=4 * 1024 * 1024)
+        with self._lock:
+            for record in batch.records:
+                self.records.setdefault((device_id, batch.boot_epoch, record.seq), record)
+            self.deliveries += len(batch.records)
+            acking = self.acking
+        if acking:  # "after the commit": the dict above is our database
+            ack = ResultAck(
+                device_id=device_id,
+                boot_epoch=batch.boot_epoch,
+                seqs=[r.seq for r in batch.records],
+            )
+            self.client.publish(
+                self.topics.device(device_id, DeviceChannel.ACKS), encode(ack), qos=QoS(1)
+            )
+
+    def keys(self, device_id: str = "dev-1") -> set[tuple[int, int]]:
+        with self._lock:
+            return {(b, s) for d, b, s in self.records if d == device_id}
+
+    def by_request(self, request_id: str) -> list[tuple[tuple[str, int, int], ResultRecord]]:
+        with self._lock:
+            return [(k, r) for k, r in self.records.items() if r.request_id == request_id]
+
+    def close(self) -> None:
+        self.client.stop()
+
+
+class PoolResponder:
+    """A test-only cloud pool: answers pool requests with a real model, says it accepts."""
+
+    def __init__(
+        self, broker: MosquittoBroker, model: ServingModel, *, topics: Topics | None = None
+    ) -> None:
+        self.topics = topics or Topics()
+        self.model = model
+        self.client = _test_client(broker, "pool")
+        self.requests: list[InferRequest] = []
+        self.client.subscribe(
+            self.topics.pool_requests_shared(), self._on_request, qos=QoS.AT_LEAST_ONCE
+        )
+        self.client.start()
+        assert self.client.wait_connected(10), "pool did not connect"
+        self.set_status(accepting=True)
+        time.sleep(0.1)
+
+    def set_status(self, *, accepting: bool) -> None:
+        status = PoolStatus(
+            device_id="pool", accepting=accepting, queue_depth=0, est_wait_ms=1.0, replicas=1
+        )
+        self.client.publish(
+            self.topics.pool_status(), encode(status), qos=QoS(1), retain=True, wait_s=10
+        )
+
+    def _on_request(self, msg: InboundMessage) -> None:
+        request = decode(msg.payload, InferRequest, max_bytes=4 * 1024 * 1024)
+        self.requests.append(request)
+        assert msg.response_topic is not None
+        rows = self.model.embed(request.texts)
+        response = InferResponse(
+            device_id="pool",
+            request_id=request.request_id,
+            status=InferStatus.OK,
+            tier=Tier.CLOUD,
+            variant=self.model.variant,
+            compute_ms=1.0,
+            embeddings=EmbeddingBlock.from_array(rows),
+        )
+        self.client.publish(
+            msg.response_topic,
+            encode(response),
+            qos=QoS(1),
+            correlation_data=msg.correlation_data,
+        )
+
+    def close(self) -> None:
+        with suppress(MqttError):  # the test may have stopped the broker
+            self.client.publish(self.topics.pool_status(), b"", qos=QoS(1), retain=True, wait_s=2)
+        self.client.stop()
+
+
+def serving_settings(
+    broker: MosquittoBroker, state_dir: Path, model_dir: Path, **overrides: Any
+) -> EdgeSettings:
+    values: dict[str, Any] = {
+        "model_dir": model_dir,
+        "http_port": 0,
+        "intra_op_threads": 1,
+        "uplink_resend_after_s": 1.0,
+        "telemetry_interval_s": 1.0,
+    }
+    values.update(overrides)
+    return edge_settings(broker, state_dir, **values)

@@ -63,8 +63,21 @@ def test_adaptive_limit_grows_under_load_and_backs_off() -> None:
     assert limit.limit == 16
     limit.observe(batch_items=16, latency_ms=10, host_load=0.95)  # saturated host
     assert limit.limit == 8
-    limit.observe(batch_items=2, latency_ms=10)  # not full: no evidence of demand
+    limit.observe(batch_items=6, latency_ms=10)  # not full: no evidence of demand
     assert limit.limit == 8
+    limit.observe(batch_items=2, latency_ms=10)  # at most half full: demand fell
+    assert limit.limit == 4
+    limit.observe(batch_items=4, latency_ms=10, backlog_items=0)  # full, nothing behind it
+    assert limit.limit == 4
+    limit.observe(batch_items=4, latency_ms=10, backlog_items=3)  # full with more waiting
+    assert limit.limit == 8
+
+
+def test_adaptive_limit_stays_at_one_for_one_caller_at_a_time() -> None:
+    limit = AdaptiveLimit(floor=1, ceiling=32, latency_budget_ms=100)
+    for _ in range(5):  # sequential requests: each batch is full, nothing else is waiting
+        limit.observe(batch_items=1, latency_ms=5, backlog_items=0)
+    assert limit.limit == 1
 
 
 class _Model:

@@ -1,0 +1,424 @@
+"""The inference runtime: one request in, one answer out, the result stored before it.
+
+``ServingRuntime.serve`` is the single path every ingress (HTTP, MQTT, the benchmark)
+goes through::
+
+    route (offload.decide) --Offload--> cloud pool --fails--> (local)
+          \\--Local--> DynamicBatcher --> model on a worker thread
+    status ok --> ResultWriter.commit (outbox, fsync) --> answer
+
+It never raises for one request's trouble: the outcome carries ``overloaded``,
+``deadline_exceeded``, ``invalid`` or ``error`` with a detail. It runs on one asyncio loop
+(``eventloop.LoopThread`` in the agent); the model runs on a worker thread, so the loop
+keeps accepting while a batch computes. Batching itself is ``spillway.batching``.
+
+``load_serving_model`` opens the configured variant through ``models.loader`` (signature,
+digest, compatibility and a probe inference checked first) and turns its typed errors into
+``ModelUnavailable``. This module knows no MQTT and no HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.clock import Clock
+from edge_agent.cloud import CloudClient, CloudRefused, CloudUnavailable
+from edge_agent.metrics import ServingMetrics
+from edge_agent.offload import Offload, OffloadController, OffloadPolicy
+from edge_agent.outbox import OutboxError
+from edge_agent.padding import PaddedEmbedder
+from edge_agent.results import ResultWriter
+from edge_agent.settings import EdgeSettings
+from protocol.inference import (
+    MAX_TEXT_CHARS,
+    MAX_TEXTS,
+    EmbeddingBlock,
+    InferRequest,
+    InferStatus,
+    OffloadReason,
+    ResultRecord,
+    Tier,
+)
+from spillway.batching import (
+    BatcherSettings,
+    BatchingError,
+    DeadlineExceeded,
+    DynamicBatcher,
+    Overloaded,
+)
+
+if TYPE_CHECKING:
+    from models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+Rows = npt.NDArray[np.float32]
+
+
+class ServingError(RuntimeError):
+    """The runtime cannot serve at all."""
+
+
+class ModelUnavailable(ServingError):
+    """The configured variant could not be loaded (``temporary``: worth retrying later)."""
+
+    def __init__(self, message: str, *, temporary: bool = False) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """What the runtime calls: texts -> ``(len(texts), dim)`` float32 rows."""
+
+    variant: str
+    device: str
+    embed: Callable[[list[str]], Rows]
+
+
+def load_serving_model(settings: EdgeSettings) -> ServingModel:
+    """Verify and open ``settings.model_variant``; ``ModelUnavailable`` says why not."""
+    from models.errors import ModelError, TemporaryModelError
+    from models.loader import load_model
+    from models.signing import keyring, load_public_key
+
+    key_path = settings.public_key_file()
+    try:
+        key = load_public_key(key_path)
+    except OSError as exc:
+        raise ModelUnavailable(f"trusted key {key_path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # cryptography: bad PEM, not Ed25519
+        raise ModelUnavailable(f"trusted key {key_path} is not an Ed25519 key: {exc}") from exc
+    try:
+        loaded = load_model(
+            settings.variant_dir(),
+            trusted_keys=keyring([key]),
+            intra_op_threads=settings.intra_op_threads,
+        )
+    except ModelError as exc:
+        raise ModelUnavailable(
+            f"variant {settings.model_variant}: {exc}",
+            temporary=isinstance(exc, TemporaryModelError),
+        ) from exc
+    return serving_model(loaded)
+
+
+def serving_model(loaded: LoadedModel) -> ServingModel:
+    """A loaded variant as the runtime calls it: length-grouped batches (``padding``)."""
+    embed = PaddedEmbedder(
+        loaded.tokenizer, loaded.backend, max_length=loaded.manifest.max_sequence_length
+    )
+    return ServingModel(variant=loaded.manifest.variant, device=loaded.device, embed=embed)
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    request_id: str
+    texts: list[str]
+    priority: int = 1
+    """0 runs first ... 9."""
+    deadline: float | None = None
+    """On the runtime clock's ``monotonic``; None: no deadline."""
+
+
+@dataclass(frozen=True)
+class EmbedOutcome:
+    request_id: str
+    status: InferStatus
+    tier: Tier
+    variant: str | None = None
+    queued_ms: float = 0.0
+    compute_ms: float = 0.0
+    latency_ms: float = 0.0
+    embeddings: Rows | None = None
+    offload_reason: OffloadReason | None = None
+    detail: str | None = None
+    seq: int | None = None
+    """Outbox key of the stored result (status ok only)."""
+
+
+def invalid_texts(texts: object) -> str | None:
+    """Why ``texts`` is not a servable list (the wire contract's bounds), else None."""
+    if not isinstance(texts, list) or not texts:
+        return "texts must be a non-empty list of strings"
+    if len(texts) > MAX_TEXTS:
+        return f"at most {MAX_TEXTS} texts per request, got {len(texts)}"
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return f"texts[{i}] is not a string"
+        if len(text) > MAX_TEXT_CHARS:
+            return f"texts[{i}] has {len(text)} characters (max {MAX_TEXT_CHARS})"
+    return None
+
+
+class ServiceTime:
+    """Exponentially weighted model time per text, in ms (0.0 until measured)."""
+
+    def __init__(self, *, alpha: float = 0.2) -> None:
+        self._alpha = alpha
+        self._lock = threading.Lock()
+        self.ms_per_item = 0.0
+
+    def observe(self, *, items: int, elapsed_ms: float) -> None:
+        if items <= 0:
+            return
+        sample = elapsed_ms / items
+        with self._lock:
+            if self.ms_per_item == 0.0:
+                self.ms_per_item = sample
+            else:
+                self.ms_per_item += self._alpha * (sample - self.ms_per_item)
+
+
+def batcher_settings(settings: EdgeSettings) -> BatcherSettings:
+    return BatcherSettings(
+        max_batch_size=settings.max_batch_size,
+        min_batch_size=settings.min_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue_items=settings.max_queue_items,
+        latency_budget_ms=settings.latency_budget_ms,
+    )
+
+
+def offload_policy(settings: EdgeSettings) -> OffloadPolicy:
+    return OffloadPolicy(
+        enabled=settings.offload_enabled,
+        slo_ms=settings.slo_ms,
+        enter_ratio=settings.offload_enter_ratio,
+        exit_ratio=settings.offload_exit_ratio,
+        rate_per_s=settings.offload_rate_per_s,
+        burst=settings.offload_burst,
+        policy_fraction=settings.offload_policy_fraction,
+    )
+
+
+class ServingRuntime:
+    """Routes, batches, stores and answers; ``start``/``stop``/``serve`` on one event loop."""
+
+    def __init__(
+        self,
+        model: ServingModel,
+        *,
+        settings: EdgeSettings,
+        writer: ResultWriter,
+        cloud: CloudClient,
+        metrics: ServingMetrics,
+        clock: Clock,
+        host_load: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.model = model
+        self._settings = settings
+        self._writer = writer
+        self._cloud = cloud
+        self.metrics = metrics
+        self._clock = clock
+        self.service_time = ServiceTime()
+        self.offload = OffloadController(offload_policy(settings), now=clock.monotonic())
+        self._batcher: DynamicBatcher[str] = DynamicBatcher(
+            self._run_batch, batcher_settings(settings), clock=clock, host_load=host_load
+        )
+        self._cloud_timeout_s = settings.cloud_timeout_ms / 1000.0
+        metrics.variant.info({"variant": model.variant, "device": model.device})
+        metrics.on_scrape(self.refresh_gauges)
+
+    # -- lifecycle (on the loop) -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._batcher.start()
+        self._writer.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+        await self._writer.stop()
+
+    # -- inspection ------------------------------------------------------------------------
+
+    @property
+    def writer(self) -> ResultWriter:
+        return self._writer
+
+    @property
+    def queued_items(self) -> int:
+        return self._batcher.queued_items
+
+    @property
+    def batch_limit(self) -> int:
+        return self._batcher.limit.limit
+
+    def refresh_gauges(self) -> None:
+        self.metrics.queue_items.set(self.queued_items)
+        self.metrics.batch_limit.set(self.batch_limit)
+        decisions, offloads, _, _ = self.offload.snapshot()
+        self.metrics.offload_ratio.set(sum(offloads.values()) / decisions if decisions else 0.0)
+
+    def telemetry(self) -> dict[str, float]:
+        decisions, offloads, kept, fell_back = self.offload.snapshot()
+        out: dict[str, float] = {
+            "queue_items": float(self.queued_items),
+            "batch_limit": float(self.batch_limit),
+            "service_ms_per_item": self.service_time.ms_per_item,
+            "offload_ratio": sum(offloads.values()) / decisions if decisions else 0.0,
+            "overflowing": 1.0 if self.offload.overflowing else 0.0,
+        }
+        for reason in OffloadReason:
+            out[f"offloads_{reason.value}_total"] = float(offloads.get(reason.value, 0))
+        for why, count in {**kept, **{f"fallback_{k}": v for k, v in fell_back.items()}}.items():
+            out[f"offload_skipped_{why}_total"] = float(count)
+        return out
+
+    # -- the one path ------------------------------------------------------------------------
+
+    async def serve(self, request: EmbedRequest) -> EmbedOutcome:
+        started = self._clock.monotonic()
+        problem = invalid_texts(request.texts)
+        if problem is not None:
+            outcome = EmbedOutcome(
+                request.request_id, InferStatus.INVALID, Tier.EDGE, detail=problem
+            )
+        else:
+            outcome = await self._route(request, started)
+        if outcome.status is InferStatus.OK:
+            outcome = await self._store(outcome, started)
+        latency_ms = (self._clock.monotonic() - started) * 1000.0
+        outcome = replace(outcome, latency_ms=latency_ms)
+        self.metrics.observe_request(
+            status=outcome.status.value, tier=outcome.tier.value, latency_s=latency_ms / 1000.0
+        )
+        return outcome
+
+    async def _route(self, request: EmbedRequest, started: float) -> EmbedOutcome:
+        deadline_ms = None
+        if request.deadline is not None:
+            deadline_ms = (request.deadline - started) * 1000.0
+            if deadline_ms <= 0:
+                return EmbedOutcome(
+                    request.request_id,
+                    InferStatus.DEADLINE_EXCEEDED,
+                    Tier.EDGE,
+                    detail="deadline already passed on arrival",
+                )
+        decision = self.offload.route(
+            request_id=request.request_id,
+            queue_items=self._batcher.queued_items,
+            request_items=len(request.texts),
+            ms_per_item=self.service_time.ms_per_item,
+            deadline_ms=deadline_ms,
+            cloud=self._cloud.view(started),
+            now=started,
+        )
+        route = decision.route
+        if isinstance(route, Offload):
+            self.metrics.offloads.labels(reason=route.reason.value).inc()
+            try:
+                return await self._remote(request, route.reason, deadline_ms)
+            except CloudUnavailable as exc:
+                self.offload.fell_back_local(exc.why)
+                self.metrics.kept_local.labels(why=f"fallback_{exc.why}").inc()
+        elif route.why is not None:
+            self.metrics.kept_local.labels(why=route.why).inc()
+        return await self._local(request)
+
+    async def _local(self, request: EmbedRequest) -> EmbedOutcome:
+        submitted = self._clock.monotonic()
+        rid = request.request_id
+        try:
+            result = await self._batcher.submit(
+                request.texts, priority=request.priority, deadline=request.deadline
+            )
+        except Overloaded as exc:
+            return EmbedOutcome(rid, InferStatus.OVERLOADED, Tier.EDGE, detail=str(exc))
+        except DeadlineExceeded as exc:
+            return EmbedOutcome(rid, InferStatus.DEADLINE_EXCEEDED, Tier.EDGE, detail=str(exc))
+        except BatchingError as exc:
+            return EmbedOutcome(rid, InferStatus.ERROR, Tier.EDGE, detail=str(exc))
+        total_ms = (self._clock.monotonic() - submitted) * 1000.0
+        return EmbedOutcome(
+            rid,
+            InferStatus.OK,
+            Tier.EDGE,
+            variant=self.model.variant,
+            queued_ms=result.queued_ms,
+            compute_ms=max(0.0, total_ms - result.queued_ms),
+            embeddings=result.rows,
+        )
+
+    async def _remote(
+        self, request: EmbedRequest, reason: OffloadReason, deadline_ms: float | None
+    ) -> EmbedOutcome:
+        timeout_s = self._cloud_timeout_s
+        deadline = None
+        if deadline_ms is not None:
+            timeout_s = min(timeout_s, deadline_ms / 1000.0)
+            deadline = self._clock.now() + timedelta(milliseconds=deadline_ms)
+        message = InferRequest(
+            device_id=self._settings.device_id,
+            sent_at=self._clock.now(),
+            request_id=request.request_id,
+            texts=request.texts,
+            deadline=deadline,
+            priority=request.priority,
+            offload_reason=reason,
+        )
+        response = await self._cloud.infer(message, timeout_s=timeout_s)
+        rows = None
+        if response.embeddings is not None:
+            rows = response.embeddings.to_array()
+        if response.status is InferStatus.OK and (
+            rows is None or rows.shape[0] != len(request.texts)
+        ):
+            raise CloudRefused(f"pool answered ok without {len(request.texts)} embeddings")
+        return EmbedOutcome(
+            request.request_id,
+            response.status,
+            Tier.CLOUD,
+            variant=response.variant,
+            queued_ms=response.queued_ms,
+            compute_ms=response.compute_ms,
+            embeddings=rows,
+            offload_reason=reason,
+            detail=response.detail,
+        )
+
+    async def _store(self, outcome: EmbedOutcome, started: float) -> EmbedOutcome:
+        assert outcome.embeddings is not None
+        record = ResultRecord(
+            seq=1,  # replaced by the outbox key
+            request_id=outcome.request_id,
+            status=outcome.status,
+            tier=outcome.tier,
+            variant=outcome.variant,
+            offload_reason=outcome.offload_reason,
+            queued_ms=outcome.queued_ms,
+            latency_ms=(self._clock.monotonic() - started) * 1000.0,
+            served_at=self._clock.now(),
+            embeddings=EmbeddingBlock.from_array(outcome.embeddings),
+        )
+        try:
+            seq = await self._writer.commit(record)
+        except OutboxError as exc:
+            logger.error("result %s not stored: %s", outcome.request_id, exc)
+            return replace(
+                outcome,
+                status=InferStatus.ERROR,
+                embeddings=None,
+                detail=f"result could not be stored durably: {exc}",
+            )
+        return replace(outcome, seq=seq)
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _run_batch(self, texts: list[str]) -> Rows:
+        started = self._clock.monotonic()
+        rows = self.model.embed(texts)
+        elapsed_ms = (self._clock.monotonic() - started) * 1000.0
+        self.service_time.observe(items=len(texts), elapsed_ms=elapsed_ms)
+        self.metrics.observe_batch(len(texts))
+        return rows
