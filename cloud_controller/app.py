@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -28,12 +29,15 @@ from cloud_controller.errors import (
     ResultNotFound,
 )
 from cloud_controller.metrics import ControllerMetrics
+from cloud_controller.pool.gateway import PoolClient, pool_router
 from cloud_controller.runtime import Runtime
 from cloud_controller.settings import CloudSettings
 from cloud_controller.transfer import ChunkServer
 from cloud_controller.trust import Trust
 from cloud_controller.watching import ModelWatcher
 from protocol.messages import DeviceStatus
+from protocol.mqtt import MqttClient
+from protocol.topics import Topics
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,15 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
             bridge.start()
             if watcher is not None:
                 watcher.start()
+            # The API gateway's path to the overflow pool: its own MQTT session, so its
+            # replies never queue behind the bridge's ingest.
+            pool_client = PoolClient(
+                MqttClient(replace(settings.mqtt(), client_id=f"{settings.mqtt_client_id}-gw")),
+                client_id=f"{settings.mqtt_client_id}-gw",
+                topics=Topics(settings.topic_root),
+            )
+            pool_client.start()
+            app.state.pool_client = pool_client
             logger.info(
                 "controller started",
                 extra={"mqtt": f"{settings.mqtt_host}:{settings.mqtt_port}"},
@@ -100,6 +113,7 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
             try:
                 yield
             finally:
+                pool_client.stop()
                 if watcher is not None:
                     watcher.stop()
                 chunks.stop()  # chunks in flight are answered while still connected
@@ -114,6 +128,7 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
     app.include_router(models_api.router)
     app.include_router(models_api.alerts_router)
     app.include_router(health_api.router)
+    app.include_router(pool_router)
     _map_errors(app)
     return app
 

@@ -20,10 +20,12 @@ app.add_typer(bench_app, name="bench")
 
 def _mount() -> None:
     from cloud_controller.cli import controller_app
+    from cloud_controller.pool.cli import pool_app
     from edge_agent.cli import agent_app
     from sim.cli import register as register_sim
 
     app.add_typer(controller_app, name="controller")
+    app.add_typer(pool_app, name="pool")
     app.add_typer(agent_app, name="agent")
     register_sim(app, bench_app)
     try:
