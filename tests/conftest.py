@@ -13,6 +13,11 @@ import pytest
 
 from sim.broker import MosquittoBroker
 
+TEST_MODELS_DIR = Path(os.environ.get("SPILLWAY_TEST_MODELS", ".cache/test-models"))
+"""Where tests build model variants once; content-hashed, so a rebuild is a no-op."""
+TEST_EVAL_SENTENCES = 200
+"""Held-out sentences the tests' quality gates use (a published build uses >= 1000)."""
+
 POSTGRES_HOST = os.environ.get("SPILLWAY_TEST_PG_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("SPILLWAY_TEST_PG_PORT", "5432"))
 POSTGRES_ADMIN_URL = f"postgresql+psycopg2://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/postgres"
@@ -73,3 +78,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'spillway.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(scope="session")
+def serving_models() -> Path:
+    """FP32 and INT8 ONNX variants with signed manifests, for agents that serve."""
+    from models.build import FP32_ONNX, INT8_ONNX, BuildOptions, build_all
+
+    build_all(
+        BuildOptions(
+            out=TEST_MODELS_DIR,
+            eval_sentences=TEST_EVAL_SENTENCES,
+            variants=(FP32_ONNX, INT8_ONNX),
+        )
+    )
+    return TEST_MODELS_DIR
