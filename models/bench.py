@@ -1,21 +1,32 @@
-"""Side-by-side benchmark of every built variant on this machine.
+"""Side-by-side benchmark of every built variant, robust to a noisy, shared machine.
 
-Each variant runs in its own spawned process, loaded through :func:`models.loader.load_model`
-exactly as
-the agent would, so peak RSS is per variant. Inputs are held-out stdlib sentences (real lengths,
-padded
-to the longest in each batch). Reported: p50/p95 latency at batch 1/8/32, throughput at batch 8 and
-32,
-file size, peak RSS, the manifest's quality metrics, and ratios against the best FP32 ONNX.
+Each variant lives in its own spawned worker process, loaded through
+:func:`models.loader.load_model` exactly as the agent would (so peak RSS is that variant's alone),
+with the same intra-op thread count for every runtime. The parent then runs many short **rounds**
+in round-robin: in each round, for each batch size, the variants take turns in a freshly shuffled
+order, each running the *same* few batches of held-out stdlib sentences (real lengths, padded to the
+longest in each batch). Only one worker computes at a time.
+
+Contention from other processes changes slowly compared with one round, so it hits every variant of
+a round alike: the speed ratio against the FP32 ONNX baseline is computed **per round** and reported
+as the median with its interquartile range, which a burst of load during one variant's turn cannot
+skew. Absolute latencies (p50/p95 per batch size) are pooled over all rounds and remain at the mercy
+of the machine; the load average before and after the run is recorded next to them.
+
+This module must not know how variants are built; it reads published folders only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import platform
 import resource
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +38,27 @@ from models.signing import keyring, load_public_key
 logger = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 8, 32)
+#: Batches each variant runs per turn, per batch size (a turn is ~0.1-0.5 s for FP32 ONNX).
+BATCHES_PER_TURN = {1: 8, 8: 2, 32: 1}
 BASELINE = "fp32-onnx"
+#: Pause between turns so the previous worker's spinning thread pool (ORT, OpenMP) goes idle.
+SETTLE_S = 0.02
+_EVAL_SENTENCES = 1200
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How long and how wide to measure."""
+
+    #: Measured rounds (after one discarded warm-up round); each round gives one ratio per batch.
+    rounds: int = 30
+    #: Intra-op threads for every variant (ORT ``intra_op_num_threads``, ``torch.set_num_threads``).
+    threads: int = 2
+    #: Seed for the batch contents and the per-round turn order.
+    seed: int = 0
+    #: Variants to measure (None: every built one); the baseline is added when built.
+    variants: tuple[str, ...] | None = None
 
 
 def cpu_model() -> str:
@@ -40,57 +71,147 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _measure(variant_dir: str, public_key_path: str, seconds_per_batch: float) -> dict[str, Any]:
-    """Child-process body: load one variant and time it."""
-    from models.loader import load_model
+def cpu_isa() -> list[str]:
+    """The int8-relevant vector extensions this CPU reports (what ORT's kernels can use)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [f for f in _ISA_FLAGS if f in flags]
 
-    ring = keyring([load_public_key(Path(public_key_path))])
-    model = load_model(Path(variant_dir), trusted_keys=ring)
-    texts = stdlib_sentences(evaluation=1200).evaluation
-    rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"device": model.device}
+
+def _batches(tokenizer: Any, texts: list[str], seed: int) -> dict[int, list[tuple[Any, Any]]]:
+    """Deterministic token batches per batch size (every worker builds the same ones)."""
+    rng = np.random.default_rng(seed)
+    out: dict[int, list[tuple[Any, Any]]] = {}
     for batch in BATCH_SIZES:
         order = rng.permutation(len(texts))
-        batches = [
-            model.tokenizer.encode_batch([texts[i] for i in order[s : s + batch]])
+        out[batch] = [
+            tokenizer.encode_batch([texts[i] for i in order[s : s + batch]])
             for s in range(0, len(texts) - batch + 1, batch)
         ]
-        for ids, mask in batches[:3]:  # warm-up
-            model.backend.embed(ids, mask)
-        latencies: list[float] = []
-        deadline = time.perf_counter() + seconds_per_batch
-        while time.perf_counter() < deadline or len(latencies) < 5:
-            ids, mask = batches[len(latencies) % len(batches)]
-            start = time.perf_counter()
-            model.backend.embed(ids, mask)
-            latencies.append(time.perf_counter() - start)
-        lat = np.asarray(latencies) * 1000.0
-        result[f"b{batch}"] = {
-            "p50_ms": float(np.percentile(lat, 50)),
-            "p95_ms": float(np.percentile(lat, 95)),
-            "throughput_per_s": float(batch * len(lat) / (lat.sum() / 1000.0)),
-        }
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    return out
 
 
-def _measure_in_child(folder: Path, public_key_path: Path, seconds: float) -> dict[str, Any]:
-    """Run :func:`_measure` in a fresh interpreter so its peak RSS is this variant's alone."""
-    import json
-    import subprocess
-    import sys
+def _worker(
+    conn: Connection,
+    variant_dir: str,
+    public_key_path: str,
+    texts: list[str],
+    threads: int,
+    seed: int,
+) -> None:
+    """Child-process body: load one variant, then serve ``("run", batch, indices)`` requests."""
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        from models.loader import load_model
 
-    argv = [sys.executable, "-m", "models.bench", str(folder), str(public_key_path), str(seconds)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"benchmark of {folder.name} failed: {last}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+        if not variant_dir.endswith("-onnx"):
+            import torch
+
+            torch.set_num_threads(threads)
+        ring = keyring([load_public_key(Path(public_key_path))])
+        model = load_model(Path(variant_dir), trusted_keys=ring, intra_op_threads=threads)
+        batches = _batches(model.tokenizer, texts, seed)
+    except Exception as exc:  # reported to the parent as one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", model.device))
+    while True:
+        request = conn.recv()
+        if request[0] == "run":
+            _, batch, indices = request
+            pool = batches[batch]
+            latencies: list[float] = []
+            for i in indices:
+                ids, mask = pool[i % len(pool)]
+                start = time.perf_counter()
+                model.backend.embed(ids, mask)
+                latencies.append(time.perf_counter() - start)
+            conn.send(("ok", latencies))
+        elif request[0] == "rss":
+            conn.send(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        else:
+            return
+
+
+class _Worker:
+    """Parent-side handle on one variant's worker process."""
+
+    def __init__(
+        self, variant_dir: Path, public_key_path: Path, texts: list[str], options: BenchOptions
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.name = variant_dir.name
+        self.conn, child = ctx.Pipe()
+        args = (child, str(variant_dir), str(public_key_path), texts, options.threads, options.seed)
+        self.process = ctx.Process(target=_worker, args=args, daemon=True)
+        self.process.start()
+        child.close()
+        self.device = ""
+
+    def wait_ready(self) -> None:
+        self.device = self._reply()
+
+    def _reply(self) -> Any:
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"benchmark worker for {self.name} died") from None
+        if status == "error":
+            raise RuntimeError(f"benchmark of {self.name} failed: {value}")
+        return value
+
+    def run(self, batch: int, indices: list[int]) -> list[float]:
+        self.conn.send(("run", batch, indices))
+        latencies: list[float] = self._reply()
+        return latencies
+
+    def peak_rss_mib(self) -> float:
+        self.conn.send(("rss",))
+        rss: float = self._reply()
+        return rss
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(("stop",))
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    q25, q50, q75 = np.percentile(np.asarray(values), [25, 50, 75])
+    return {"median": float(q50), "p25": float(q25), "p75": float(q75)}
+
+
+def _interleave(workers: dict[str, _Worker], options: BenchOptions) -> dict[str, Any]:
+    """Round-robin turns; returns per-variant latencies and per-round turn times."""
+    rng = np.random.default_rng(options.seed)
+    names = list(workers)
+    latencies: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCH_SIZES} for n in names}
+    turn_s: dict[str, dict[int, list[float]]] = {n: {b: [] for b in BATCH_SIZES} for n in names}
+    for round_index in range(options.rounds + 1):  # round 0 warms up and is discarded
+        for batch in BATCH_SIZES:
+            per_turn = BATCHES_PER_TURN[batch]
+            indices = list(range(round_index * per_turn, (round_index + 1) * per_turn))
+            for position in rng.permutation(len(names)):
+                name = names[position]
+                time.sleep(SETTLE_S)
+                lat = workers[name].run(batch, indices)
+                if round_index > 0:
+                    latencies[name][batch].extend(lat)
+                    turn_s[name][batch].append(sum(lat))
+    return {"latencies": latencies, "turn_s": turn_s}
 
 
 def bench_variants(
-    out: Path, *, public_key_path: Path, seconds_per_batch: float = 8.0
+    out: Path, *, public_key_path: Path, options: BenchOptions | None = None
 ) -> dict[str, Any]:
     """Benchmark every variant folder under ``out``; returns a JSON-ready report."""
     import json
@@ -98,36 +219,68 @@ def bench_variants(
     from models.build import VARIANTS
     from models.manifest import MANIFEST_FILE
 
-    rows: dict[str, Any] = {}
-    for variant in VARIANTS:
+    options = options or BenchOptions()
+    manifests: dict[str, Any] = {}
+    wanted = set(options.variants or VARIANTS) | {BASELINE}
+    for variant in (v for v in VARIANTS if v in wanted):
         folder = out / variant
-        if not (folder / MANIFEST_FILE).is_file():
+        if (folder / MANIFEST_FILE).is_file():
+            manifests[variant] = json.loads((folder / MANIFEST_FILE).read_text())["manifest"]
+        else:
             logger.warning("skipping %s: not built", variant)
-            continue
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())["manifest"]
-        timing = _measure_in_child(folder, public_key_path, seconds_per_batch)
-        rows[variant] = {
-            **timing,
-            "size_bytes": manifest["size_bytes"],
-            "quality": manifest["quality"],
-        }
-    base = rows.get(BASELINE)
+    load_before = os.getloadavg()
+    texts = stdlib_sentences(evaluation=_EVAL_SENTENCES).evaluation
+    workers: dict[str, _Worker] = {}
+    try:
+        for variant in manifests:  # load in parallel; measure one at a time
+            workers[variant] = _Worker(out / variant, public_key_path, texts, options)
+        for worker in workers.values():
+            worker.wait_ready()
+        measured = _interleave(workers, options)
+        rss = {name: worker.peak_rss_mib() for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    load_after = os.getloadavg()
+
+    rows: dict[str, Any] = {}
+    for variant, manifest in manifests.items():
+        row: dict[str, Any] = {"device": workers[variant].device}
+        for batch in BATCH_SIZES:
+            lat = np.asarray(measured["latencies"][variant][batch]) * 1000.0
+            row[f"b{batch}"] = {
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p95_ms": float(np.percentile(lat, 95)),
+                "throughput_per_s": float(batch * len(lat) / (lat.sum() / 1000.0)),
+            }
+        row.update(peak_rss_mib=rss[variant], size_bytes=manifest["size_bytes"])
+        row["quality"] = manifest["quality"]
+        rows[variant] = row
+    base = BASELINE if BASELINE in rows else None
     if base is not None:
-        for row in rows.values():
-            row["speedup_b8"] = row["b8"]["throughput_per_s"] / base["b8"]["throughput_per_s"]
-            row["speedup_b32"] = row["b32"]["throughput_per_s"] / base["b32"]["throughput_per_s"]
-            row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
+        for variant, row in rows.items():
+            speedup: dict[str, Any] = {}
+            for batch in BATCH_SIZES:
+                base_turns = np.asarray(measured["turn_s"][base][batch])
+                turns = np.asarray(measured["turn_s"][variant][batch])
+                speedup[f"b{batch}"] = _quartiles(list(base_turns / turns))  # same work per turn
+            row["speedup"] = speedup
+            row["speedup_b8"] = speedup["b8"]["median"]
+            row["speedup_b32"] = speedup["b32"]["median"]
+            row["size_ratio"] = row["size_bytes"] / rows[base]["size_bytes"]
     return {
-        "machine": {"cpu": cpu_model(), "cores": multiprocessing.cpu_count()},
-        "baseline": BASELINE,
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": multiprocessing.cpu_count(),
+            "isa": cpu_isa(),
+            "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+        },
+        "method": {
+            "rounds": options.rounds,
+            "threads": options.threads,
+            "batches_per_turn": {f"b{b}": k for b, k in BATCHES_PER_TURN.items()},
+            "ratio": "per-round throughput ratio vs baseline; median and interquartile range",
+        },
+        "baseline": base,
         "variants": rows,
     }
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    logging.basicConfig(level=logging.ERROR)
-    report = _measure(sys.argv[1], sys.argv[2], float(sys.argv[3]))
-    sys.stdout.write(json.dumps(report) + "\n")

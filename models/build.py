@@ -51,6 +51,8 @@ BUILD_KEY_FILE = "build-key.txt"
 DEFAULT_KEY_PATH = Path("keys/signing.key")
 RECIPE_VERSION = "3"
 OPSET = 17
+#: Sentences per calibration batch (unsorted, so padding is as in real batches).
+CALIBRATION_BATCH = 8
 #: How long a signed manifest stays valid.
 MANIFEST_LIFETIME = timedelta(days=90)
 
@@ -68,8 +70,8 @@ GATES: dict[str, QualityGate] = {
         min_mean_cosine=0.99999, min_min_cosine=0.9999, min_top1_agreement=0.99
     ),
     FP16_ONNX: QualityGate(min_mean_cosine=0.9999, min_min_cosine=0.999, min_top1_agreement=0.95),
-    # Below the issue's target (0.995 / 0.985 / 0.95): see docs/models.md for the measured frontier.
-    INT8_ONNX: QualityGate(min_mean_cosine=0.99, min_min_cosine=0.97, min_top1_agreement=0.80),
+    # The issue's quality target; the speed target is missed (docs/models.md, the INT8 frontier).
+    INT8_ONNX: QualityGate(min_mean_cosine=0.995, min_min_cosine=0.985, min_top1_agreement=0.95),
     INT8_BNB: QualityGate(min_mean_cosine=0.99, min_min_cosine=0.97, min_top1_agreement=0.80),
 }
 
@@ -149,6 +151,15 @@ class _Context:
             self._encoder = load_encoder(self.source)
         return self._encoder
 
+    def calibration_feeds(self) -> list[dict[str, Any]]:
+        """Token batches of the calibration split (never evaluated), padded like real traffic."""
+        texts = self.corpus.calibration
+        feeds = []
+        for start in range(0, len(texts), CALIBRATION_BATCH):
+            ids, mask = self.tokenizer.encode_batch(texts[start : start + CALIBRATION_BATCH])
+            feeds.append({"input_ids": ids, "attention_mask": mask})
+        return feeds
+
     def reference_embeddings(self) -> Any:
         """Eager torch FP32 embeddings of the evaluation text (the FP32 variants' reference)."""
         if self._reference is None:
@@ -197,7 +208,9 @@ def _build_artifact(variant: str, ctx: _Context, staging: Path) -> tuple[Path, Q
         if variant == INT8_ONNX:
             from models.quantization import quantize_onnx_int8
 
-            quantize_onnx_int8(ctx.fp32_onnx(), artifact, Int8OnnxRecipe())
+            quantize_onnx_int8(
+                ctx.fp32_onnx(), artifact, Int8OnnxRecipe(), calibration=ctx.calibration_feeds()
+            )
         else:
             from models.export import convert_fp16
 
@@ -286,7 +299,7 @@ def _manifest(
         inputs=inputs,
         outputs=outputs,
         quality=metrics,
-        quality_gate=GATES[variant],
+        quality_gate=GATES[variant].for_samples(metrics.samples),
         target_hardware=hardware,
         # Weights resident twice while the runtime initialises, plus batch-32 activations.
         memory_bytes=2 * size + (256 << 20),
@@ -303,7 +316,7 @@ def _build_key(variant: str, ctx: _Context) -> str:
         "weights": ctx.source_digest,
         "tokenizer": ctx.tokenizer_digest,
         "int8": Int8OnnxRecipe().model_dump(mode="json") if variant == INT8_ONNX else None,
-        "gate": GATES[variant].model_dump(mode="json"),
+        "gate": GATES[variant].for_samples(ctx.options.eval_sentences).model_dump(mode="json"),
         "eval_sentences": ctx.options.eval_sentences,
         "tools": {d: _dist_version(d) for d in ("torch", "onnx", "onnxruntime", "bitsandbytes")},
     }
@@ -365,7 +378,7 @@ def build_all(options: BuildOptions, *, progress: ProgressCallback | None = None
             staging = Path(tmp) / variant
             staging.mkdir()
             artifact, metrics = _build_artifact(variant, ctx, staging)
-            failures = GATES[variant].failures(metrics)
+            failures = GATES[variant].for_samples(metrics.samples).failures(metrics)
             if failures:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise GateFailedError(f"{variant} not published: {'; '.join(failures)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -81,10 +82,14 @@ def build(
 def bench_models(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results here."),
     out: Path = typer.Option(Path("var/models"), "--out", help="Directory `models build` wrote."),
-    seconds: float = typer.Option(8.0, "--seconds", help="Timing budget per batch size."),
+    rounds: int = typer.Option(30, "--rounds", min=1, help="Interleaved measurement rounds."),
+    threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for every variant."),
+    variant: list[str] | None = typer.Option(
+        None, "--variant", help="Only these variants (repeatable); fp32-onnx is always included."
+    ),
 ) -> None:
-    """Benchmark every built variant side by side on this machine."""
-    from models.bench import bench_variants
+    """Benchmark every built variant side by side: interleaved rounds, median per-round ratios."""
+    from models.bench import BenchOptions, bench_variants
     from models.build import DEFAULT_KEY_PATH
     from models.signing import public_path
 
@@ -92,21 +97,31 @@ def bench_models(
     public_key = public_path(out / DEFAULT_KEY_PATH)
     if not public_key.is_file():
         raise _fail(f"no variants under {out}; run `spillway models build --out {out}` first")
+    options = BenchOptions(
+        rounds=rounds, threads=threads, variants=tuple(variant) if variant else None
+    )
     try:
-        report = bench_variants(out, public_key_path=public_key, seconds_per_batch=seconds)
+        report = bench_variants(out, public_key_path=public_key, options=options)
     except (ModelError, OSError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     if not report["variants"]:
         raise _fail(f"no built variants under {out}")
-    table = Table(title=f"{report['machine']['cpu']} ({report['machine']['cores']} cores)")
+    machine = report["machine"]
+    load = machine["load_average_1m"]
+    title = (
+        f"{machine['cpu']} ({machine['cores']} cores, {'/'.join(machine['isa']) or '?'}), "
+        f"{threads} threads, {rounds} interleaved rounds, "
+        f"load {load['before']:.1f}->{load['after']:.1f}"
+    )
+    table = Table(title=title)
     for column in (
         "variant",
         "b1 p50/p95 ms",
         "b8 p50/p95 ms",
         "b32 p50/p95 ms",
         "b8 /s",
-        "x fp32 b8",
-        "x fp32 b32",
+        "x fp32 b8 (IQR)",
+        "x fp32 b32 (IQR)",
         "MiB",
         "RSS MiB",
         "mean cos",
@@ -114,20 +129,30 @@ def bench_models(
         "top-1",
     ):
         table.add_column(column)
-    for variant, row in report["variants"].items():
+
+    def ratio(row: dict[str, Any], batch: str) -> str:
+        if "speedup" not in row:
+            return "-"
+        r = row["speedup"][batch]
+        return f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})"
+
+    for name, row in report["variants"].items():
         q = row["quality"]
         table.add_row(
-            variant,
+            name,
             *(f"{row[f'b{b}']['p50_ms']:.1f}/{row[f'b{b}']['p95_ms']:.1f}" for b in (1, 8, 32)),
             f"{row['b8']['throughput_per_s']:.0f}",
-            f"{row.get('speedup_b8', float('nan')):.2f}",
-            f"{row.get('speedup_b32', float('nan')):.2f}",
+            ratio(row, "b8"),
+            ratio(row, "b32"),
             f"{row['size_bytes'] / 2**20:.1f}",
             f"{row['peak_rss_mib']:.0f}",
             f"{q['mean_cosine']:.5f}",
             f"{q['min_cosine']:.5f}",
             f"{q['top1_agreement']:.4f}",
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 180)  # a piped table keeps its columns
+    console.print(table)
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))

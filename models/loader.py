@@ -157,9 +157,11 @@ def _runtime_errors(what: str) -> Iterator[None]:
         raise CorruptArtifactError(f"{what} could not be opened by the runtime: {exc}") from exc
 
 
-def _open_backend(path: Path, manifest: Manifest) -> tuple[EmbeddingBackend, str]:
+def _open_backend(
+    path: Path, manifest: Manifest, *, intra_op_threads: int
+) -> tuple[EmbeddingBackend, str]:
     if path.suffix == ".onnx":
-        session = onnx_session(str(path))
+        session = onnx_session(str(path), intra_op_threads=intra_op_threads)
         backend = OnnxBackend(session)
         return backend, backend.provider
     if path.suffix == ".pt":
@@ -192,8 +194,14 @@ def load_model(
     now: datetime | None = None,
     min_release: int | None = None,
     available_memory_bytes: int | None = None,
+    intra_op_threads: int = 0,
 ) -> LoadedModel:
-    """Verify and open the variant in ``variant_dir`` (holding ``manifest.json``)."""
+    """Verify and open the variant in ``variant_dir`` (holding ``manifest.json``).
+
+    ``intra_op_threads`` sizes ONNX Runtime's intra-op pool (0: ORT's default, one per physical
+    core). Torch variants use torch's process-wide setting (``torch.set_num_threads``), which a
+    loader has no business changing.
+    """
     manifest_path = variant_dir / MANIFEST_FILE
     try:
         raw = manifest_path.read_bytes()
@@ -215,7 +223,7 @@ def load_model(
     if sha256_file(tokenizer_path) != manifest.tokenizer_sha256:
         raise DigestMismatchError(f"{tokenizer_path.name} sha256 differs from the manifest")
     with _runtime_errors(artifact.name):
-        backend, device = _open_backend(artifact, manifest)
+        backend, device = _open_backend(artifact, manifest, intra_op_threads=intra_op_threads)
         tokenizer = EmbeddingTokenizer.from_file(
             tokenizer_path, max_length=manifest.max_sequence_length
         )

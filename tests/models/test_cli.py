@@ -40,9 +40,23 @@ def test_bench_writes_json(build_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
         _app(),
-        ["bench", "models", "--out", str(build_dir), "--json", str(out), "--seconds", "0.2"],
+        [
+            "bench",
+            "models",
+            "--out",
+            str(build_dir),
+            "--json",
+            str(out),
+            "--rounds",
+            "2",
+            "--variant",
+            "int8-onnx",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert set(report["variants"]) >= {"fp32-onnx", "int8-onnx"}
+    assert set(report["variants"]) == {"fp32-onnx", "int8-onnx"}
     assert report["variants"]["fp32-onnx"]["speedup_b8"] == 1.0
+    assert report["method"]["threads"] == 2
+    ratio = report["variants"]["int8-onnx"]["speedup"]["b8"]
+    assert ratio["p25"] <= ratio["median"] <= ratio["p75"]
