@@ -12,6 +12,10 @@ Modules: ``settings`` (EdgeSettings), ``agent`` (wiring and lifecycle), ``reconc
 Will), ``telemetry`` (heartbeats, samples), ``periodic`` (clocked loops), ``probe`` (the
 host), ``clock``, ``preflight`` (start-up checks) and ``cli`` (``spillway agent run``).
 
+Model delivery: ``install`` (the pipeline behind ``policy["model"]``, status, revert),
+``download`` (resumable chunk pulls over MQTT), ``installed`` (release counters and
+installed folders, persisted) and ``hotswap`` (active and previous model, atomic swap).
+
 Local serving (only with a model dir): ``stack`` (assembly), ``serving`` (the runtime and
 model loading), ``padding`` (length-grouped batches), ``offload`` (the pure overflow
 policy), ``cloud`` (the pool over MQTT), ``results`` (group commit into the outbox),

@@ -18,6 +18,7 @@ belong to ``cli``. This module must not know the controller, the simulator or th
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -26,6 +27,10 @@ from typing import TYPE_CHECKING
 
 from edge_agent import presence
 from edge_agent.clock import Clock, SystemClock
+from edge_agent.download import ChunkPuller, PullSettings
+from edge_agent.hotswap import LoadedVariant, ModelSlots
+from edge_agent.install import ModelInstaller, ModelPolicyApplier, default_load, file_keyring
+from edge_agent.installed import InstallLedger
 from edge_agent.periodic import PeriodicTask
 from edge_agent.probe import HostProbe, SystemProbe, agent_version
 from edge_agent.reconcile import JsonPolicyApplier, PolicyApplier, Reconciler
@@ -60,6 +65,7 @@ class _Running:
     telemetry: TelemetrySender
     tasks: list[PeriodicTask]
     serving: ServingStack | None
+    installer: ModelInstaller
 
 
 class AgentStateError(RuntimeError):
@@ -114,6 +120,7 @@ class Agent:
             device_id, topics=self._topics, boot_epoch=boot_epoch, clock=self._clock
         )
         client = MqttClient(settings.mqtt(), will=will)
+        installer = self._installer(store, client)
         reconciler = Reconciler(
             device_id=device_id,
             topics=self._topics,
@@ -121,15 +128,18 @@ class Agent:
             publisher=client,
             boot_epoch=boot_epoch,
             clock=self._clock,
-            applier=self._applier,
+            applier=ModelPolicyApplier(installer, inner=self._applier),
             rejects=self.rejects,
             on_applied=self._on_applied,
+            report_policy=installer.reported_policy,
         )
+        installer.on_status = reconciler.report_progress
         serving: ServingStack | None = None
         if settings.serving:
             from edge_agent.serving import ServingError
             from edge_agent.stack import ServingStack
 
+            installed = None if self._model is not None else installer.load_installed()
             try:
                 serving = ServingStack(
                     settings,
@@ -138,10 +148,19 @@ class Agent:
                     clock=self._clock,
                     topics=self._topics,
                     rejects=self.rejects,
-                    model=self._model,
+                    model=self._model or (installed.model if installed else None),
                 )
             except ServingError as exc:
                 raise ServingStartError(str(exc)) from exc
+            installer.set_initial(
+                installed
+                or LoadedVariant(
+                    serving.runtime.model,
+                    record=None,
+                    artifact_sha256=None if self._model else configured_sha256(settings),
+                )
+            )
+            installer.slots.attach(serving.runtime.swap_model)
         heartbeats = HeartbeatSender(
             device_id=device_id,
             topics=self._topics,
@@ -183,6 +202,7 @@ class Agent:
             telemetry,
             tasks,
             serving,
+            installer,
         )
         desired = DeviceChannel.DESIRED
         client.subscribe(
@@ -222,6 +242,7 @@ class Agent:
         self._stopped = True  # the run stays inspectable (counters, applied generations)
         for task in run.tasks:
             task.stop()
+        run.installer.cancel.set()  # a download in hand stops; it resumes on the next start
         if run.serving is not None:
             run.serving.stop()
         run.reconciler.stop()
@@ -272,6 +293,11 @@ class Agent:
         return None if serving is None else serving.http_port
 
     @property
+    def models(self) -> ModelInstaller:
+        """Model delivery: ``status``, ``revert()``, ``slots`` (active and previous)."""
+        return self._running().installer
+
+    @property
     def applied_state(self) -> AppliedState:
         return self._running().reconciler.state
 
@@ -297,11 +323,43 @@ class Agent:
             counts[f"{channel}_rejected_{reason}"] = count
             rejected += count
         counts["rejected"] = rejected
+        counts.update(run.installer.counters())
         if run.serving is not None:
             counts.update(run.serving.counters())
         return counts
 
     # -- internals ---------------------------------------------------------------------
+
+    def _installer(self, store: StateStore, client: MqttClient) -> ModelInstaller:
+        settings = self.settings
+        ledger = InstallLedger(store.state_dir)
+        puller = ChunkPuller(
+            client=client,
+            device_id=settings.device_id,
+            topics=self._topics,
+            staging_root=ledger.staging_dir,
+            settings=PullSettings(
+                chunk_bytes=settings.model_chunk_bytes,
+                window=settings.model_chunk_window,
+                timeout_s=settings.model_chunk_timeout_s,
+                attempts=settings.model_chunk_attempts,
+            ),
+            clock=self._clock,
+            connected=lambda: client.is_connected,
+        )
+        puller.attach()
+        key_file = settings.trusted_key_file
+        if key_file is None and settings.model_dir is not None:
+            key_file = settings.public_key_file()
+        return ModelInstaller(
+            puller=puller,
+            ledger=ledger,
+            slots=ModelSlots(),
+            clock=self._clock,
+            trusted_keys=file_keyring(key_file),
+            load=default_load(settings.intra_op_threads),
+            progress_interval_s=settings.model_progress_interval_s,
+        )
 
     def _running(self) -> _Running:
         if self._run is None:
@@ -347,3 +405,13 @@ class Agent:
             client.publish(topic, payload, qos=spec.qos, retain=spec.retain, wait_s=wait_s)
         except MqttError as exc:
             logger.warning("%s not published: %s", channel.value, exc)
+
+
+def configured_sha256(settings: EdgeSettings) -> str | None:
+    """The artifact digest named by the configured variant's manifest (None: unreadable)."""
+    try:
+        raw = json.loads((settings.variant_dir() / "manifest.json").read_bytes())
+        sha = raw["manifest"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sha if isinstance(sha, str) else None

@@ -147,8 +147,12 @@ class Reconciler:
         rejects: RejectCounter,
         max_bytes: int = DEFAULT_MAX_BYTES,
         on_applied: Callable[[int], None] | None = None,
+        report_policy: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
+        """``report_policy`` turns the applied policy into the reported one (the model
+        installer puts its status there)."""
         self._device_id = device_id
+        self._report_policy = report_policy
         self._reported_topic = topics.device(device_id, DeviceChannel.REPORTED)
         self._store = store
         self._publisher = publisher
@@ -314,9 +318,21 @@ class Reconciler:
         elif state.generation > 0:
             self._report(state.generation, ApplyOutcome.APPLIED, state.policy, None)
 
+    def report_progress(self) -> None:
+        """Publish the current state with the latest status sections while an apply is in
+        hand (any thread): ``observed_generation`` stays what was acted on before."""
+        state = self.state
+        failure = state.last_failure
+        if failure is not None and failure.generation > state.generation:
+            self._report(failure.generation, ApplyOutcome.FAILED, state.policy, failure.error)
+        else:
+            self._report(state.generation, ApplyOutcome.APPLIED, state.policy, None)
+
     def _report(
         self, generation: int, outcome: ApplyOutcome, policy: dict[str, Any], error: str | None
     ) -> None:
+        if self._report_policy is not None:
+            policy = self._report_policy(policy)
         message = ReportedState(
             device_id=self._device_id,
             sent_at=self._clock.now(),

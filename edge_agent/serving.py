@@ -415,9 +415,21 @@ class ServingRuntime:
 
     # -- worker thread -----------------------------------------------------------------------
 
+    def swap_model(self, model: ServingModel) -> ServingModel:
+        """Make ``model`` serve every batch that starts from now on; return the old one.
+
+        One reference assignment: a batch already running finishes on the model it started
+        with, queued and new requests go to ``model``, nothing is dropped or re-run.
+        """
+        previous, self.model = self.model, model
+        self.metrics.variant.info({"variant": model.variant, "device": model.device})
+        logger.info("model swapped", extra={"variant": model.variant, "previous": previous.variant})
+        return previous
+
     def _run_batch(self, texts: list[str]) -> Rows:
         started = self._clock.monotonic()
-        rows = self.model.embed(texts)
+        model = self.model  # read once: a swap during this batch does not touch it
+        rows = model.embed(texts)
         elapsed_ms = (self._clock.monotonic() - started) * 1000.0
         self.service_time.observe(items=len(texts), elapsed_ms=elapsed_ms)
         self.metrics.observe_batch(len(texts))

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from edge_agent.outbox import FullPolicy
 from protocol.mqtt import MqttSettings
 from protocol.topics import DEFAULT_ROOT, validate_device_id
+from protocol.transfer import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 
 MAX_LABELS = 64
 DEFAULT_VARIANT = "int8-onnx"
@@ -132,6 +133,21 @@ class EdgeSettings(BaseSettings):
     """How long, in ms, an offloaded request waits for the pool before it is served locally."""
     cloud_cooldown_s: float = Field(default=10.0, ge=0)
     """Seconds the cloud is considered unavailable after a timeout or a refusal."""
+
+    # -- model delivery (issue 4) ---------------------------------------------------------
+
+    model_chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=MAX_CHUNK_BYTES)
+    """Bytes asked for per chunk request when pulling an artifact (the controller's cap is
+    ``transfer_max_chunk_bytes``; the default keeps a frame within a 1 MiB broker packet)."""
+    model_chunk_window: int = Field(default=4, ge=1, le=64)
+    """Chunk requests in flight at once per download."""
+    model_chunk_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds to wait for a chunk's answer before asking again."""
+    model_chunk_attempts: int = Field(default=8, ge=1)
+    """Unanswered requests for one chunk (while connected) before the download fails as
+    temporary; it resumes from the verified offset when the desired state comes again."""
+    model_progress_interval_s: float = Field(default=1.0, ge=0)
+    """Seconds between download progress reports at most (one is also sent every 10 %)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,7 @@ Tree (``{root}`` defaults to ``spillway/v1``)::
     {root}/pool/status                    pool -> edges, QoS 1, retained back-pressure
     {root}/models/chunks                  agent -> controller, QoS 1, chunk requests (shared)
     {root}/replies/{client_id}            answers to a client's requests (response topic)
+    {root}/replies/{client_id}/chunks     a client's artifact chunks (framed ChunkResponse)
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ class Topics:
     def replies(self, client_id: str) -> str:
         """A client's own response topic for request/response."""
         return f"{self.root}/replies/{validate_device_id(client_id)}"
+
+    def chunk_replies(self, client_id: str) -> str:
+        """Where a client's chunk answers come: below its reply topic, apart from the
+        inference answers on the reply topic itself."""
+        return f"{self.replies(client_id)}/chunks"
 
     def parse_device(self, topic: str) -> DeviceTopic:
         prefix = f"{self.root}/devices/"

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from sim.bench_agent import bench_agent
 from sim.bench_pool import bench_pool
+from sim.bench_rollout import bench_rollout
 from sim.broker import BrokerError
 from sim.demo import DemoError, DemoReport, DemoSettings, run_demo, write_report
 
@@ -58,3 +59,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("demo")(demo)
     bench_app.command("agent", help="Agent end-to-end vs a raw onnxruntime loop.")(bench_agent)
     bench_app.command("pool", help="Overflow pool: TP=1 vs TP=2, 1 vs 2 replicas.")(bench_pool)
+    bench_app.command("rollout", help="Model delivery to N agents vs raw MQTT fan-out.")(
+        bench_rollout
+    )

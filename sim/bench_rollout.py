@@ -1,0 +1,277 @@
+"""``spillway bench rollout``: model delivery to N agents vs a raw MQTT fan-out, in one run.
+
+Both sides run on one mosquitto, one after the other in the same process, so the machine's
+noise hits both alike:
+
+* **raw fan-out** - one paho publisher sends the INT8 artifact's bytes as QoS 1 chunks of
+  ``chunk_bytes`` to N subscribers on one topic; time from the first publish until every
+  subscriber has every byte.
+* **delivery** - the real controller (``spillway controller serve``, its chunk server) holds
+  the uploaded INT8 variant; N in-process ``edge_agent.Agent``s (no serving) are assigned
+  it over REST (``PUT /api/v1/devices/{id}/model``) and pull it chunk by chunk; time from
+  the first assignment until every agent has the verified artifact (state past
+  ``downloading``), and until every agent reports ``active`` (includes each agent's
+  load + warm-up, all N on this machine's cores).
+
+Target: delivery (downloaded) <= 1.5 x raw fan-out. ``sim`` may import both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+
+from edge_agent.agent import Agent
+from edge_agent.settings import EdgeSettings
+from models.manifest import Manifest, sign
+from models.signing import SigningKey, public_path, save_signing_key
+from protocol.mqtt import InboundMessage, MqttClient, MqttSettings
+from protocol.topics import QoS
+from protocol.transfer import DEFAULT_CHUNK_BYTES
+from sim.broker import MosquittoBroker, free_port
+from sim.processes import ChildProcess
+
+logger = logging.getLogger(__name__)
+
+TARGET_RATIO = 1.5
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _raw_fanout(broker: MosquittoBroker, data: bytes, *, agents: int, chunk_bytes: int) -> float:
+    topic = f"bench/fanout/{uuid.uuid4().hex[:8]}"
+    received = [0] * agents
+    done = threading.Event()
+    lock = threading.Lock()
+    finished = [0]
+    subscribers: list[MqttClient] = []
+
+    def handler(i: int) -> Any:
+        def on(msg: InboundMessage) -> None:
+            with lock:
+                received[i] += len(msg.payload)
+                if received[i] == len(data):
+                    finished[0] += 1
+                    if finished[0] == agents:
+                        done.set()
+
+        return on
+
+    for i in range(agents):
+        client = MqttClient(
+            MqttSettings(host=broker.host, port=broker.port, client_id=f"fan-{i}-{topic[-8:]}")
+        )
+        client.subscribe(topic, handler(i), qos=QoS.AT_LEAST_ONCE)
+        client.start()
+        subscribers.append(client)
+    publisher = MqttClient(
+        MqttSettings(host=broker.host, port=broker.port, client_id=f"pub-{topic[-8:]}")
+    )
+    publisher.start()
+    try:
+        for c in [*subscribers, publisher]:
+            if not c.wait_connected(20):
+                raise RuntimeError("fan-out client did not connect")
+        time.sleep(0.5)  # SUBACKs
+        started = time.perf_counter()
+        for offset in range(0, len(data), chunk_bytes):
+            publisher.publish(topic, data[offset : offset + chunk_bytes], qos=QoS.AT_LEAST_ONCE)
+        if not done.wait(600):
+            raise RuntimeError("raw fan-out did not complete")
+        return time.perf_counter() - started
+    finally:
+        for c in [*subscribers, publisher]:
+            c.stop()
+
+
+def _resigned(variant_dir: Path, key: SigningKey) -> bytes:
+    body: dict[str, Any] = json.loads((variant_dir / "manifest.json").read_text())["manifest"]
+    now = datetime.now(UTC)
+    body.update(created_at=now.isoformat(), expires_at=(now + timedelta(days=30)).isoformat())
+    return sign(Manifest.model_validate(body), key).model_dump_json().encode()
+
+
+def _delivery(
+    broker: MosquittoBroker,
+    variant_dir: Path,
+    work: Path,
+    *,
+    agents: int,
+    chunk_bytes: int,
+    transfer_workers: int,
+) -> tuple[float, float]:
+    key = SigningKey.generate()
+    key_path = work / "keys" / "signing.key"
+    save_signing_key(key, key_path)
+    port = free_port()
+    controller = ChildProcess(
+        "controller",
+        [
+            "controller",
+            "serve",
+            "--port",
+            str(port),
+            "--mqtt-port",
+            str(broker.port),
+            "--database-url",
+            f"sqlite:///{work / 'controller.db'}",
+        ],
+        log_path=work / "controller.log",
+        env={
+            "SPILLWAY_ARTIFACT_DIR": str(work / "artifacts"),
+            "SPILLWAY_SIGNING_KEY_PATH": str(key_path),
+            "SPILLWAY_MODEL_WATCH_DIR": str(work / "watched"),
+            "SPILLWAY_MODEL_WATCH_VARIANTS": "[]",
+            "SPILLWAY_MAX_CONCURRENT_TRANSFERS": str(agents),
+            "SPILLWAY_TRANSFER_QUEUE_MAX": str(max(256, agents * 8)),
+            "SPILLWAY_TRANSFER_WORKERS": str(transfer_workers),
+        },
+    )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    fleet: list[Agent] = []
+    controller.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"controller not ready: {controller.log_tail(10)}")
+            time.sleep(0.2)
+        with (
+            (variant_dir / "model.onnx").open("rb") as model,
+            (variant_dir / "tokenizer.json").open("rb") as tok,
+        ):
+            response = http.post(
+                f"/api/v1/models/{MINILM}/versions",
+                files={
+                    "manifest": ("manifest.json", _resigned(variant_dir, key), "application/json"),
+                    "artifact": ("artifact", model, "application/octet-stream"),
+                    "tokenizer": ("tokenizer.json", tok, "application/json"),
+                },
+            )
+        response.raise_for_status()
+        version = response.json()["version"]
+        for i in range(agents):
+            agent = Agent(
+                EdgeSettings(
+                    device_id=f"bench-{i:03d}",
+                    mqtt_host=broker.host,
+                    mqtt_port=broker.port,
+                    state_dir=work / "agents" / f"bench-{i:03d}",
+                    trusted_key_file=public_path(key_path),
+                    model_chunk_bytes=chunk_bytes,
+                    intra_op_threads=1,
+                    heartbeat_interval_s=5,
+                )
+            )
+            agent.start()
+            fleet.append(agent)
+        for agent in fleet:
+            if not agent.wait_connected(30):
+                raise RuntimeError("an agent did not connect")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # each device must be registered before PUT
+            if all(
+                http.get(f"/api/v1/devices/{a.settings.device_id}").status_code == 200
+                for a in fleet
+            ):
+                break
+            time.sleep(0.2)
+        started = time.perf_counter()
+        for agent in fleet:
+            put = http.put(
+                f"/api/v1/devices/{agent.settings.device_id}/model",
+                json={"name": MINILM, "version": version, "variant": "int8-onnx"},
+            )
+            put.raise_for_status()
+        downloaded: dict[str, float] = {}
+        active: dict[str, float] = {}
+        deadline = time.monotonic() + 900
+        while len(active) < agents:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{agents - len(active)} agents did not converge")
+            now = time.perf_counter() - started
+            for agent in fleet:
+                status = agent.models.status
+                name = agent.settings.device_id
+                if status is None or status.state == "downloading":
+                    continue
+                if status.state == "failed":
+                    raise RuntimeError(f"{name} failed: {status.reason}")
+                downloaded.setdefault(name, now)
+                if status.state == "active" and status.variant == "int8-onnx":
+                    active.setdefault(name, now)
+            time.sleep(0.01)
+        return max(downloaded.values()), max(active.values())
+    finally:
+        for agent in fleet:
+            agent.stop()
+        http.close()
+        controller.stop()
+
+
+def bench_rollout(
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results here."),
+    agents: int = typer.Option(20, help="Agents (and raw subscribers)."),
+    model_dir: Path = typer.Option(
+        Path("var/models"), help="Built variants (spillway models build)."
+    ),
+    chunk_bytes: int = typer.Option(DEFAULT_CHUNK_BYTES, help="Chunk size, both sides."),
+    transfer_workers: int = typer.Option(4, help="The controller's chunk-server threads."),
+) -> None:
+    """Delivery of the INT8 MiniLM to N agents vs the same bytes fanned out raw."""
+    console = Console(stderr=True)
+    variant_dir = model_dir / "int8-onnx"
+    if not (variant_dir / "manifest.json").is_file():
+        from models.build import INT8_ONNX, BuildOptions, build_all
+
+        build_all(BuildOptions(out=model_dir, variants=(INT8_ONNX,)))
+    data = (variant_dir / "model.onnx").read_bytes()
+    with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
+        work = Path(tmp)
+        with MosquittoBroker(work / "broker") as broker:
+            console.print(f"raw fan-out of {len(data) / 2**20:.1f} MiB to {agents} subscribers")
+            raw_s = _raw_fanout(broker, data, agents=agents, chunk_bytes=chunk_bytes)
+            console.print(f"  {raw_s:.2f} s; delivery to {agents} agents through the controller")
+            downloaded_s, active_s = _delivery(
+                broker,
+                variant_dir,
+                work,
+                agents=agents,
+                chunk_bytes=chunk_bytes,
+                transfer_workers=transfer_workers,
+            )
+    ratio = downloaded_s / raw_s
+    result = {
+        "agents": agents,
+        "artifact_bytes": len(data),
+        "artifact_sha256": hashlib.sha256(data).hexdigest(),
+        "chunk_bytes": chunk_bytes,
+        "transfer_workers": transfer_workers,
+        "raw_fanout_s": round(raw_s, 3),
+        "delivery_downloaded_s": round(downloaded_s, 3),
+        "delivery_active_s": round(active_s, 3),
+        "ratio_downloaded": round(ratio, 3),
+        "ratio_active": round(active_s / raw_s, 3),
+        "target_ratio": TARGET_RATIO,
+        "met": ratio <= TARGET_RATIO,
+    }
+    console.print(json.dumps(result, indent=2))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
