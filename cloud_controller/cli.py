@@ -13,20 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 
 from cloud_controller.settings import CloudSettings
 from spillway.logs import configure_json_logging
 from spillway.preflight import (
+    EXIT_PREFLIGHT,
     Check,
     PreflightError,
     packages_present,
     port_free,
     run_checks,
+    settings_from,
     tcp_reachable,
 )
-
-EXIT_PREFLIGHT = 2
 
 controller_app = typer.Typer(
     help="The cloud controller: device registry, desired state, REST API.",
@@ -52,13 +51,7 @@ def _fail(problem: str) -> NoReturn:
 
 def build_settings(**overrides: Any) -> CloudSettings:
     """Settings from the environment with the given options on top; one line on error."""
-    given = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        return CloudSettings(**given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise PreflightError(f"invalid setting {where}: {first['msg']}") from exc
+    return settings_from(CloudSettings, overrides)
 
 
 def database_reachable(database_url: str) -> Check:

@@ -25,6 +25,7 @@ from spillway.preflight import (
     PreflightError,
     packages_present,
     port_free,
+    settings_from,
     tcp_reachable,
 )
 
@@ -69,23 +70,10 @@ def serving_checks(settings: EdgeSettings) -> list[Check]:
 
 def load_settings(overrides: dict[str, Any]) -> EdgeSettings:
     """``EdgeSettings`` from ``overrides`` and the environment, or one-line PreflightError."""
-    from pydantic import ValidationError
-
     from edge_agent.settings import EdgeSettings
 
-    try:
-        return EdgeSettings(**overrides)
-    except ValidationError as exc:
-        errors = exc.errors()
-        # Without a device id there is no default state_dir either; name the cause only.
-        causes = [e for e in errors if e["loc"] != ("state_dir",) or len(errors) == 1]
-        first = causes[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        hint = ""
-        if first["type"] == "missing":
-            hint = f" (pass --{where.replace('_', '-')} or set SPILLWAY_EDGE_{where.upper()})"
-        more = f" (+{len(causes) - 1} more)" if len(causes) > 1 else ""
-        raise PreflightError(f"invalid setting {where}: {first['msg']}{hint}{more}") from exc
+    # Without a device id there is no default state_dir either: name the cause only.
+    return settings_from(EdgeSettings, overrides, secondary=("state_dir",))
 
 
 def state_dir_writable(state_dir: Path) -> Check:

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 Check = Callable[[], None]
+S = TypeVar("S", bound=BaseSettings)
+
+EXIT_PREFLIGHT = 2
+"""Exit status of a process that stopped because a start-up check failed."""
 
 
 class PreflightError(RuntimeError):
@@ -61,3 +69,32 @@ def run_checks(checks: Iterable[Check]) -> None:
     """Run every check in order; the first failure raises ``PreflightError``."""
     for check in checks:
         check()
+
+
+def settings_from(
+    settings_type: type[S],
+    overrides: Mapping[str, Any],
+    *,
+    secondary: Iterable[str] = (),
+) -> S:
+    """Settings from the environment with ``overrides`` (None = not given) on top.
+
+    Invalid settings raise ``PreflightError`` naming the first problem, with the option and
+    environment variable to fix a missing one. Fields in ``secondary`` are named only when
+    nothing else is wrong (their defaults derive from other fields).
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return settings_type(**given)
+    except ValidationError as exc:
+        errors = exc.errors()
+        skip = {(name,) for name in secondary}
+        causes = [e for e in errors if tuple(e["loc"]) not in skip] or errors
+        first = causes[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        hint = ""
+        if first["type"] == "missing":
+            prefix = str(settings_type.model_config.get("env_prefix", ""))
+            hint = f" (pass --{where.replace('_', '-')} or set {prefix}{where.upper()})"
+        more = f" (+{len(causes) - 1} more)" if len(causes) > 1 else ""
+        raise PreflightError(f"invalid setting {where}: {first['msg']}{hint}{more}") from exc

@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 
 from cloud_controller.pool.settings import PoolSettings
 from spillway.logs import configure_json_logging
-from spillway.preflight import Check, PreflightError, packages_present, run_checks, tcp_reachable
-
-EXIT_PREFLIGHT = 2
+from spillway.preflight import (
+    EXIT_PREFLIGHT,
+    Check,
+    PreflightError,
+    packages_present,
+    run_checks,
+    settings_from,
+    tcp_reachable,
+)
 
 pool_app = typer.Typer(
     help="The cloud overflow pool: tensor-parallel MiniLM replicas behind the broker.",
@@ -36,13 +41,7 @@ def _fail(problem: str) -> NoReturn:
 
 def build_settings(**overrides: Any) -> PoolSettings:
     """Settings from the environment with the given options on top; one line on error."""
-    given = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        return PoolSettings(**given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise PreflightError(f"invalid setting {where}: {first['msg']}") from exc
+    return settings_from(PoolSettings, overrides)
 
 
 def tp_size_fits(tp: int) -> Check:
