@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL    NOT NULL,
     PRIMARY KEY (boot_epoch, seq)
 );
+CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -92,6 +93,15 @@ class Outbox:
             "SELECT COALESCE(MAX(seq), 0) FROM outbox WHERE boot_epoch = ?", (boot_epoch,)
         ).fetchone()
         self._next_seq = int(row[0]) + 1
+        # Payload bytes held, kept in step with every insert and delete (under ``_lock``)
+        # so an append costs O(1), not a scan of the table per record.
+        self._used_bytes = self._sum_bytes()
+
+    def _sum_bytes(self) -> int:
+        (used,) = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+        ).fetchone()
+        return int(used)
 
     def close(self) -> None:
         with self._lock:
@@ -130,6 +140,7 @@ class Outbox:
         payload can carry its own key. All or none are committed; on ``OutboxFull`` none is.
         """
         with self._lock:
+            used_before = self._used_bytes
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._expire(now)
@@ -143,10 +154,12 @@ class Outbox:
                         "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
                         (self._boot_epoch, seq, kind, payload, now),
                     )
+                    self._used_bytes += len(payload)
                     seq += 1
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._used_bytes = used_before
                 raise
             self._next_seq = seq
             return records
@@ -164,11 +177,17 @@ class Outbox:
     def ack(self, boot_epoch: int, seqs: list[int]) -> int:
         """Delete acknowledged records; returns how many were still here."""
         with self._lock:
-            cur = self._db.executemany(
-                "DELETE FROM outbox WHERE boot_epoch = ? AND seq = ?",
-                [(boot_epoch, s) for s in seqs],
-            )
-            return int(cur.rowcount)
+            deleted = freed = 0
+            for seq in seqs:
+                row = self._db.execute(
+                    "DELETE FROM outbox WHERE boot_epoch = ? AND seq = ? RETURNING LENGTH(payload)",
+                    (boot_epoch, seq),
+                ).fetchone()
+                if row is not None:
+                    deleted += 1
+                    freed += int(row[0])
+            self._used_bytes -= freed
+            return deleted
 
     # -- bounds (called inside the append transaction) -----------------------------
 
@@ -183,18 +202,18 @@ class Outbox:
         logger.warning("outbox dropped records", extra={"dropped": n, "why": why})
 
     def _expire(self, now: float) -> None:
-        cur = self._db.execute(
-            "DELETE FROM outbox WHERE created_at < ?", (now - self._limits.max_age_s,)
-        )
-        self._count_dropped(cur.rowcount, "max_age_s")
+        rows = self._db.execute(
+            "DELETE FROM outbox WHERE created_at < ? RETURNING LENGTH(payload)",
+            (now - self._limits.max_age_s,),
+        ).fetchall()
+        self._used_bytes -= sum(int(size) for (size,) in rows)
+        self._count_dropped(len(rows), "max_age_s")
 
     def _make_room(self, incoming: int) -> None:
         if incoming > self._limits.max_bytes:
             raise OutboxFull(f"record of {incoming} bytes exceeds max_bytes")
-        (used,) = self._db.execute(
-            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
-        ).fetchone()
-        excess = int(used) + incoming - self._limits.max_bytes
+        used = self._used_bytes
+        excess = used + incoming - self._limits.max_bytes
         if excess <= 0:
             return
         if self._limits.policy is FullPolicy.REJECT_NEW:
@@ -210,4 +229,5 @@ class Outbox:
             self._db.execute("DELETE FROM outbox WHERE boot_epoch = ? AND seq = ?", (boot, seq))
             freed += int(size)
             dropped += 1
+        self._used_bytes -= freed
         self._count_dropped(dropped, "max_bytes")

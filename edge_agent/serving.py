@@ -4,8 +4,13 @@
 goes through::
 
     route (offload.decide) --Offload--> cloud pool --fails--> (local)
-          \\--Local--> DynamicBatcher --> model on a worker thread
-    status ok --> ResultWriter.commit (outbox, fsync) --> answer
+          |                               \\--ok--> ResultWriter.commit --> answer
+          \\--Local--> DynamicBatcher --> model thread --records--> commit thread
+                                          (next batch)          (outbox, fsync) --> answer
+
+The model thread hands each batch's records straight to the writer's commit thread and
+goes on with the next batch, so compute and fsync overlap; an answer still waits for its
+own record to be durable.
 
 It never raises for one request's trouble: the outcome carries ``overloaded``,
 ``deadline_exceeded``, ``invalid`` or ``error`` with a detail. It runs on one asyncio loop
@@ -19,6 +24,7 @@ digest, compatibility and a probe inference checked first) and turns its typed e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -35,7 +41,7 @@ from edge_agent.metrics import ServingMetrics
 from edge_agent.offload import Offload, OffloadController, OffloadPolicy
 from edge_agent.outbox import OutboxError
 from edge_agent.padding import PaddedEmbedder
-from edge_agent.results import ResultWriter
+from edge_agent.results import Done, ResultWriter, answer_on
 from edge_agent.settings import EdgeSettings
 from protocol.inference import (
     MAX_TEXT_CHARS,
@@ -50,6 +56,7 @@ from protocol.inference import (
 from spillway.batching import (
     BatcherSettings,
     BatchingError,
+    BatchShapeError,
     DeadlineExceeded,
     DynamicBatcher,
     Overloaded,
@@ -145,6 +152,25 @@ class EmbedOutcome:
     """Outbox key of the stored result (status ok only)."""
 
 
+@dataclass(eq=False)
+class _Ticket:
+    """One local request as the model thread sees it: enough to build and commit its record."""
+
+    request_id: str
+    started: float
+    """``serve`` began (runtime clock ``monotonic``)."""
+    submitted: float
+    """Queued in the batcher."""
+    done: Done
+    """Settles the caller's commit future once the record is durable."""
+
+
+@dataclass(frozen=True)
+class _Text:
+    text: str
+    ticket: _Ticket
+
+
 def invalid_texts(texts: object) -> str | None:
     """Why ``texts`` is not a servable list (the wire contract's bounds), else None."""
     if not isinstance(texts, list) or not texts:
@@ -222,7 +248,7 @@ class ServingRuntime:
         self._clock = clock
         self.service_time = ServiceTime()
         self.offload = OffloadController(offload_policy(settings), now=clock.monotonic())
-        self._batcher: DynamicBatcher[str] = DynamicBatcher(
+        self._batcher: DynamicBatcher[_Text] = DynamicBatcher(
             self._run_batch, batcher_settings(settings), clock=clock, host_load=host_load
         )
         self._cloud_timeout_s = settings.cloud_timeout_ms / 1000.0
@@ -285,8 +311,8 @@ class ServingRuntime:
             )
         else:
             outcome = await self._route(request, started)
-        if outcome.status is InferStatus.OK:
-            outcome = await self._store(outcome, started)
+        if outcome.status is InferStatus.OK and outcome.seq is None:
+            outcome = await self._store(outcome, started)  # served by the cloud
         latency_ms = (self._clock.monotonic() - started) * 1000.0
         outcome = replace(outcome, latency_ms=latency_ms)
         self.metrics.observe_request(
@@ -324,14 +350,21 @@ class ServingRuntime:
                 self.metrics.kept_local.labels(why=f"fallback_{exc.why}").inc()
         elif route.why is not None:
             self.metrics.kept_local.labels(why=route.why).inc()
-        return await self._local(request)
+        return await self._local(request, started)
 
-    async def _local(self, request: EmbedRequest) -> EmbedOutcome:
+    async def _local(self, request: EmbedRequest, started: float) -> EmbedOutcome:
+        """Batched on the model thread, which hands the rows straight to the commit thread;
+        the answer waits for both the rows and their commit."""
         submitted = self._clock.monotonic()
         rid = request.request_id
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[int] = loop.create_future()
+        ticket = _Ticket(rid, started, submitted, answer_on(loop, committed))
         try:
             result = await self._batcher.submit(
-                request.texts, priority=request.priority, deadline=request.deadline
+                [_Text(text, ticket) for text in request.texts],
+                priority=request.priority,
+                deadline=request.deadline,
             )
         except Overloaded as exc:
             return EmbedOutcome(rid, InferStatus.OVERLOADED, Tier.EDGE, detail=str(exc))
@@ -340,6 +373,16 @@ class ServingRuntime:
         except BatchingError as exc:
             return EmbedOutcome(rid, InferStatus.ERROR, Tier.EDGE, detail=str(exc))
         total_ms = (self._clock.monotonic() - submitted) * 1000.0
+        try:
+            seq = await committed
+        except OutboxError as exc:
+            logger.error("result %s not stored: %s", rid, exc)
+            return EmbedOutcome(
+                rid,
+                InferStatus.ERROR,
+                Tier.EDGE,
+                detail=f"result could not be stored durably: {exc}",
+            )
         return EmbedOutcome(
             rid,
             InferStatus.OK,
@@ -348,6 +391,7 @@ class ServingRuntime:
             queued_ms=result.queued_ms,
             compute_ms=max(0.0, total_ms - result.queued_ms),
             embeddings=result.rows,
+            seq=seq,
         )
 
     async def _remote(
@@ -426,11 +470,45 @@ class ServingRuntime:
         logger.info("model swapped", extra={"variant": model.variant, "previous": previous.variant})
         return previous
 
-    def _run_batch(self, texts: list[str]) -> Rows:
+    def _run_batch(self, items: list[_Text]) -> Rows:
+        """Compute one batch, hand its records to the commit thread, return its rows.
+
+        The commit runs while this thread starts the next batch; each caller is answered
+        only once its own record is durable.
+        """
         started = self._clock.monotonic()
         model = self.model  # read once: a swap during this batch does not touch it
-        rows = model.embed(texts)
-        elapsed_ms = (self._clock.monotonic() - started) * 1000.0
-        self.service_time.observe(items=len(texts), elapsed_ms=elapsed_ms)
-        self.metrics.observe_batch(len(texts))
+        rows = model.embed([item.text for item in items])  # (B, dim)
+        finished = self._clock.monotonic()
+        elapsed_ms = (finished - started) * 1000.0
+        self.service_time.observe(items=len(items), elapsed_ms=elapsed_ms)
+        self.metrics.observe_batch(len(items))
+        if rows.shape[0] != len(items):
+            raise BatchShapeError(f"model returned {rows.shape[0]} rows for {len(items)} texts")
+        served_at = self._clock.now()
+        records: list[ResultRecord] = []
+        done: list[Done] = []
+        start = 0
+        while start < len(items):  # a request's texts are contiguous in the batch
+            ticket = items[start].ticket
+            end = start + 1
+            while end < len(items) and items[end].ticket is ticket:
+                end += 1
+            records.append(
+                ResultRecord(
+                    seq=1,  # replaced by the outbox key
+                    request_id=ticket.request_id,
+                    status=InferStatus.OK,
+                    tier=Tier.EDGE,
+                    variant=model.variant,
+                    offload_reason=None,
+                    queued_ms=(started - ticket.submitted) * 1000.0,
+                    latency_ms=(finished - ticket.started) * 1000.0,
+                    served_at=served_at,
+                    embeddings=EmbeddingBlock.from_array(rows[start:end]),
+                )
+            )
+            done.append(ticket.done)
+            start = end
+        self._writer.submit(records, done)
         return rows

@@ -76,3 +76,21 @@ def test_old_records_expire_and_are_counted(tmp_path: Path) -> None:
     box.append("t", b"new", now=100.0)
     assert [r.payload for r in box.pending()] == [b"new"]
     assert box.dropped == 1
+
+
+def test_the_byte_bound_follows_acks_expiry_and_restarts(tmp_path: Path) -> None:
+    limits = OutboxLimits(max_bytes=8, max_age_s=60, policy=FullPolicy.REJECT_NEW)
+    box = Outbox(tmp_path / "o.db", boot_epoch=1, limits=limits)
+    box.append("t", b"xxxx", now=0.0)
+    box.append("t", b"xxxx", now=50.0)
+    with pytest.raises(OutboxFull):
+        box.append("t", b"x", now=50.0)
+    box.ack(1, [1])  # frees 4 bytes
+    box.append("t", b"yyyy", now=50.0)
+    box.close()
+    reopened = Outbox(tmp_path / "o.db", boot_epoch=1, limits=limits)  # counts 8 bytes held
+    with pytest.raises(OutboxFull):
+        reopened.append("t", b"z", now=50.0)
+    reopened.append("t", b"zzzz", now=115.0)  # the record from t=50 expired: room again
+    assert [r.payload for r in reopened.pending()] == [b"zzzz"]
+    assert reopened.size() == (1, 4)

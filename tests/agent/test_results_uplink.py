@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.uplink import ResultUplink
@@ -198,3 +199,48 @@ def test_kill_9_after_answering_while_the_broker_is_down_delivers_after_restart_
     assert key == ("dev-1", 1, 1)
     assert record.embeddings is not None and record.embeddings.count == 1
     assert acker.keys() == {(1, 1)}  # exactly once at the controller, nothing else
+
+
+def test_records_handed_over_from_another_thread_are_group_committed_before_done(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from edge_agent.clock import SystemClock
+    from edge_agent.results import ResultWriter
+
+    outbox = Outbox(tmp_path / "o.db", boot_epoch=1, limits=OutboxLimits())
+    block = EmbeddingBlock.from_array(np.zeros((1, 4), dtype=np.float32))
+    seen: list[tuple[int | Exception, int]] = []
+
+    def record(rid: str) -> ResultRecord:
+        return ResultRecord(
+            seq=1,
+            request_id=rid,
+            status=InferStatus.OK,
+            tier=Tier.EDGE,
+            queued_ms=0.0,
+            latency_ms=1.0,
+            served_at=datetime(2026, 1, 1, tzinfo=UTC),
+            embeddings=block,
+        )
+
+    def done(outcome: int | Exception) -> None:
+        seen.append((outcome, outbox.size()[0]))  # stored by the time we hear of it
+
+    async def scenario() -> int:
+        writer = ResultWriter(outbox, clock=SystemClock())
+        writer.start()
+        worker = threading.Thread(
+            target=writer.submit, args=([record("a"), record("b")], [done, done])
+        )
+        worker.start()
+        worker.join()
+        seq = await writer.commit(record("c"))
+        await writer.stop()
+        return seq
+
+    assert asyncio.run(scenario()) == 3
+    assert [s for s, _ in seen] == [1, 2]
+    assert all(stored >= 2 for _, stored in seen)
+    outbox.close()
