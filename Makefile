@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= edge,cloud,dev
+EXTRAS ?= edge,cloud,cpu,dev
 
 .PHONY: demo test check setup system-deps clean
 

@@ -44,7 +44,7 @@ def required_packages() -> Check:
 
 def serving_packages() -> Check:
     """What local inference needs (checked only when a model dir is given)."""
-    return packages_present(*SERVING_MODULES, extra="edge")
+    return packages_present(*SERVING_MODULES, extra="edge,cpu")
 
 
 def serving_checks(settings: EdgeSettings) -> list[Check]:

@@ -50,6 +50,12 @@ class EdgeSettings(BaseSettings):
     """Broker host name or address."""
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     """Broker TCP port."""
+    mqtt_tls_ca_file: Path | None = None
+    """CA certificate that signed the broker's certificate; None = plain TCP."""
+    mqtt_tls_cert_file: Path | None = None
+    """This device's client certificate (CN = device id); None = no client certificate."""
+    mqtt_tls_key_file: Path | None = None
+    """Private key of ``mqtt_tls_cert_file``."""
     keepalive_s: int = Field(default=10, ge=1, le=65535)
     """MQTT keepalive in seconds; the broker sends the Last Will after 1.5x this of silence."""
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
@@ -214,4 +220,11 @@ class EdgeSettings(BaseSettings):
             keepalive_s=self.keepalive_s,
             session_expiry_s=self.session_expiry_s,
             backoff_max_s=self.reconnect_backoff_max_s,
+            tls_ca_file=_str_or_none(self.mqtt_tls_ca_file),
+            tls_cert_file=_str_or_none(self.mqtt_tls_cert_file),
+            tls_key_file=_str_or_none(self.mqtt_tls_key_file),
         )
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)

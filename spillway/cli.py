@@ -19,6 +19,7 @@ app.add_typer(bench_app, name="bench")
 
 
 def _mount() -> None:
+    from cloud_controller.certs_cli import certs_app
     from cloud_controller.cli import controller_app
     from cloud_controller.pool.cli import pool_app
     from edge_agent.cli import agent_app
@@ -26,6 +27,7 @@ def _mount() -> None:
 
     app.add_typer(controller_app, name="controller")
     app.add_typer(pool_app, name="pool")
+    app.add_typer(certs_app, name="certs")
     app.add_typer(agent_app, name="agent")
     register_sim(app, bench_app)
     try:
