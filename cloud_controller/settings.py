@@ -126,6 +126,10 @@ class CloudSettings(BaseSettings):
     transfer_publish_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds a worker waits for the broker's PUBACK of a chunk before giving up on it;
     waiting keeps at most ``transfer_workers`` chunks in memory."""
+    transfer_chunk_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """Bytes of recently served chunks (with their sha256) kept in memory, so that the
+    devices of a rollout asking for the same chunk cost one read and one hash; 0 keeps
+    none."""
 
     @field_validator("log_level", mode="before")
     @classmethod

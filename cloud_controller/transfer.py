@@ -8,8 +8,15 @@ answered ``not_found`` with the reason), reads exactly ``[offset, offset + lengt
 the store with one seek (never the whole file), and answers a framed ``ChunkResponse``
 (``protocol.transfer.encode_chunk``: header with the chunk's sha256, then raw bytes) on the
 request's response topic with its correlation data. The worker waits for the PUBACK
-before taking the next request, so at most ``transfer_workers`` chunks are in memory
-whatever the number of devices.
+before taking the next request, so at most ``transfer_workers`` chunks are in flight
+whatever the number of devices (raise ``transfer_workers`` for more chunks in flight: the
+threads mostly wait on the broker).
+
+A rollout sends the same chunks to many devices, so the last chunks read are kept with
+their sha256 (``ChunkCache``, at most ``transfer_chunk_cache_bytes``): the next device
+that asks for the same ``(sha256, offset, length)`` costs neither a read nor a hash.
+The registry is still asked on every request, so deprecating a version takes effect at
+once.
 
 At most ``max_concurrent_transfers`` devices transfer at once. A device counts as
 transferring from its first served chunk until it has fetched a blob's last chunk or
@@ -27,6 +34,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +56,48 @@ from protocol.transfer import ChunkRequest, ChunkResponse, ChunkStatus, encode_c
 logger = logging.getLogger(__name__)
 
 _REQUEST_MAX_BYTES = 4096
+
+
+_ChunkKey = tuple[str, int, int, int]
+"""(artifact sha256, total bytes, offset, length)."""
+
+
+class ChunkCache:
+    """The last chunks read, with their sha256; least recently used dropped first.
+
+    Thread-safe. ``max_bytes`` 0 keeps nothing.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._chunks: OrderedDict[_ChunkKey, tuple[bytes, str]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: _ChunkKey) -> tuple[bytes, str] | None:
+        with self._lock:
+            found = self._chunks.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._chunks.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: _ChunkKey, data: bytes, digest: str) -> None:
+        if len(data) > self._max_bytes:
+            return
+        with self._lock:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[0])
+            self._chunks[key] = (data, digest)
+            self._bytes += len(data)
+            while self._bytes > self._max_bytes:
+                _, (dropped, _) = self._chunks.popitem(last=False)
+                self._bytes -= len(dropped)
 
 
 class ChunkServer:
@@ -76,6 +126,7 @@ class ChunkServer:
         """device id -> monotonic time of its last admitted request."""
         self._queued = 0
         self._pool: ThreadPoolExecutor | None = None
+        self.cache = ChunkCache(settings.transfer_chunk_cache_bytes)
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(
@@ -177,11 +228,20 @@ class ChunkServer:
             self._busy(request, reply_to, correlation, wait=True)
             return
         length = min(request.length, total - request.offset)
-        data = artifacts.read_range(path, request.offset, length)
-        if len(data) != length:
-            detail = f"store returned {len(data)} of {length} bytes"
-            self._header_only(request, ChunkStatus.NOT_FOUND, total, reply_to, correlation, detail)
-            return
+        key = (sha256, total, request.offset, length)
+        cached = self.cache.get(key)
+        if cached is None:
+            data = artifacts.read_range(path, request.offset, length)
+            if len(data) != length:
+                detail = f"store returned {len(data)} of {length} bytes"
+                self._header_only(
+                    request, ChunkStatus.NOT_FOUND, total, reply_to, correlation, detail
+                )
+                return
+            digest = hashlib.sha256(data).hexdigest()
+            self.cache.put(key, data, digest)
+        else:
+            data, digest = cached
         header = ChunkResponse(
             device_id=request.device_id,
             artifact_sha256=sha256,
@@ -189,13 +249,14 @@ class ChunkServer:
             offset=request.offset,
             length=length,
             total_bytes=total,
-            chunk_sha256=hashlib.sha256(data).hexdigest(),
+            chunk_sha256=digest,
         )
+        if request.offset + length >= total:
+            # Before the answer leaves: the device may ask for its next blob at once.
+            self._release(request.device_id)
         if self._publish(reply_to, encode_chunk(header, data), correlation, wait=True):
             self._metrics.transfer_chunks.inc()
             self._metrics.transfer_bytes.inc(length)
-        if request.offset + length >= total:
-            self._release(request.device_id)
 
     def _admit(self, device_id: str) -> bool:
         now = self._monotonic()

@@ -218,3 +218,46 @@ def test_only_the_requested_range_is_read_from_a_huge_sparse_artifact(
     header, data = client.ask(sha, 2**30, 1000)
     assert header.status == "ok" and data == bytes(1000)
     assert reads == [(size - 4096, 4096, 4096), (2**30, 1000, 1000)]
+
+
+def test_devices_asking_for_the_same_chunk_cost_one_read(
+    make_controller: MakeController,
+    database_url: str,
+    test_models: Path,
+    clients: Callable[[str], ChunkClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    controller = _controller(
+        make_controller,
+        database_url,
+        test_models,
+        transfer_max_chunk_bytes=4096,
+        transfer_chunk_cache_bytes=8192,
+    )
+    data = os.urandom(20_000)
+    sha = _register_blob(controller, data, test_models, version="1.0.0")
+    reads: list[tuple[int, int]] = []
+    real = artifacts.read_range
+
+    def counting(path: Path, offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return real(path, offset, length)
+
+    monkeypatch.setattr(artifacts, "read_range", counting)
+    first, second = clients("edge-cache-a"), clients("edge-cache-b")
+    for client in (first, second):
+        header, body = client.ask(sha, 4096, 4096)
+        assert header.status == "ok" and body == data[4096:8192]
+        assert header.chunk_sha256 == hashlib.sha256(body).hexdigest()
+    assert reads == [(4096, 4096)], "the second device was served from the cache"
+
+    # At most two 4 KiB chunks are kept: the oldest one is read again.
+    for offset in (8192, 12288, 4096):
+        header, body = first.ask(sha, offset, 4096)
+        assert header.status == "ok" and body == data[offset : offset + 4096]
+    assert reads == [(4096, 4096), (8192, 4096), (12288, 4096), (4096, 4096)]
+
+    # A cached chunk of a deprecated version is not served.
+    assert controller.http.post("/api/v1/models/tiny/versions/1.0.0/deprecate").status_code == 200
+    header, body = second.ask(sha, 4096, 4096)
+    assert header.status == "not_found" and body == b""
