@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) system-deps
 
-# Debian packages the tests and demo start themselves (installed when root, else explained).
+# Debian packages the tests and demo start themselves (installed when root, else explained):
+# mosquitto (broker) and chromium (browser tests).
 system-deps:
 	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	  else echo "mosquitto missing: run 'sudo apt-get install -y mosquitto'"; exit 1; fi; \
+	fi
+	@# The dashboard's browser tests drive Debian's chromium with Playwright (no browser download).
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: run 'sudo apt-get install -y chromium'"; exit 1; fi; \
 	fi
 
 demo: setup
