@@ -15,12 +15,13 @@ The schema is owned by migration ``0005``. This module knows nothing of MQTT or 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import ConfigDict, model_validator
+from pydantic import ConfigDict, field_validator, model_validator
 from sqlmodel import Field, SQLModel
 
 from cloud_controller.entities import BigId, UtcDateTime
@@ -43,6 +44,14 @@ def _check_selector(selector: Selector | None) -> None:
     for key, value in selector.items():
         if not key or len(key) > 64 or len(value) > 256:
             raise ValueError(f"selector label {key!r}: key must be 1-64 and value <= 256 chars")
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError(
+            f"{value!r}: 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return value
 
 
 class PolicyState(StrEnum):
@@ -68,6 +77,8 @@ class PolicyTarget(SQLModel):
     @model_validator(mode="after")
     def _some_target(self) -> PolicyTarget:
         _check_selector(self.selector)
+        for name in self.groups:
+            _check_name(name)
         if self.selector is None and not self.groups:
             raise ValueError("a policy targets a label selector, groups, or both")
         return self
@@ -90,7 +101,12 @@ class PolicySpec(SQLModel):
 class PolicyCreate(PolicySpec):
     """Body of ``POST /api/v1/policies``."""
 
-    name: str = Field(regex=NAME_PATTERN)
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value)
 
 
 class PolicyRow(SQLModel, table=True):
@@ -177,7 +193,12 @@ class GroupSpec(SQLModel):
 class GroupCreate(GroupSpec):
     """Body of ``POST /api/v1/groups``."""
 
-    name: str = Field(regex=NAME_PATTERN)
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value)
 
 
 class DeviceGroup(SQLModel, table=True):
