@@ -120,7 +120,9 @@ def test_a_replayed_older_generation_is_ignored(cloud: Cloud, make_agent: AgentF
     agent = make_agent()
     wait_for(lambda: cloud.seen("dev-1", DeviceChannel.HELLO), 10, what="hello")
     first = sign_desired(
-        DesiredState(device_id="dev-1", generation=1, policy=operating(telemetry={"interval_s": 5})),
+        DesiredState(
+            device_id="dev-1", generation=1, policy=operating(telemetry={"interval_s": 5})
+        ),
         control_key(),
     )
     cloud.publish_raw("dev-1", encode(first))

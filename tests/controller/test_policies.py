@@ -188,9 +188,10 @@ def test_targeting_priority_merge_and_signed_push(
     assert labels.json()["effective"]["site"] == "lab"
     assert labels.json()["reported"]["site"] == "field"
     assert labels.json()["devices_updated"] == ["dev-c"]
-    assert http.get("/api/v1/devices/dev-c/policy").json()["document"]["batching"][
-        "max_batch_size"
-    ] == 8
+    assert (
+        http.get("/api/v1/devices/dev-c/policy").json()["document"]["batching"]["max_batch_size"]
+        == 8
+    )
     removed = http.put("/api/v1/devices/dev-c/labels", json={"labels": {"site": None}})
     assert removed.json()["effective"]["site"] == "field"
     # Losing its last policy pushes the defaults (it had a policy section before).
@@ -206,8 +207,10 @@ def test_targeting_priority_merge_and_signed_push(
     # A device that registers later gets its effective policy after its Hello.
     agents("dev-d").hello(hardware_class="jetson-orin-nano", labels={"site": "lab"})
     assert wait_for(
-        lambda: controller.has_device("dev-d")
-        and controller.http.get("/api/v1/devices/dev-d/policy").json()["pushed"]
+        lambda: (
+            controller.has_device("dev-d")
+            and controller.http.get("/api/v1/devices/dev-d/policy").json()["pushed"]
+        )
     )
     assert controller.device("dev-d")["desired"]["policy"][POLICY_KEY]["sources"][0]["name"] == (
         "lab"

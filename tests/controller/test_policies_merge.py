@@ -41,7 +41,9 @@ def test_deep_merge_merges_objects_and_replaces_everything_else() -> None:
 def test_effective_applies_overlays_in_ascending_priority() -> None:
     result = effective(
         [
-            overlay("site", 10, {"batching": {"max_batch_size": 8}, "telemetry": {"interval_s": 5}}),
+            overlay(
+                "site", 10, {"batching": {"max_batch_size": 8}, "telemetry": {"interval_s": 5}}
+            ),
             overlay("fleet", 0, {"batching": {"max_batch_size": 16, "max_queue_delay_ms": 4}}),
             overlay("canary", 10, {"telemetry": {"interval_s": 1}}),  # same priority: by name
         ]
