@@ -108,6 +108,11 @@ class CloudSettings(BaseSettings):
     model_eval_sentences: int = Field(default=1200, ge=10)
     """Held-out sentences the quality gate of a dropped model's variants is measured on."""
 
+    # -- policies -------------------------------------------------------------------------
+    desired_signing_key_path: Path | None = None
+    """Ed25519 key (PEM) that signs every desired-state message (agents verify it with the
+    public half, ``<path>.pub``); generated once when absent. None: ``signing_key_path``."""
+
     # -- artifact transfer ----------------------------------------------------------------
     transfer_max_chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1, le=MAX_CHUNK_BYTES)
     """Largest chunk in bytes a device may ask for; larger requests get ``bad_range``. The

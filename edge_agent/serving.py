@@ -279,6 +279,15 @@ class ServingRuntime:
     def batch_limit(self) -> int:
         return self._batcher.limit.limit
 
+    @property
+    def batcher_settings(self) -> BatcherSettings:
+        return self._batcher.settings
+
+    async def set_policy(self, batching: BatcherSettings, offload: OffloadPolicy) -> None:
+        """Take new batching and offload values (on the loop, between batches)."""
+        self._batcher.reconfigure(batching)
+        self.offload.set_policy(offload, now=self._clock.monotonic())
+
     def refresh_gauges(self) -> None:
         self.metrics.queue_items.set(self.queued_items)
         self.metrics.batch_limit.set(self.batch_limit)
@@ -290,6 +299,7 @@ class ServingRuntime:
         out: dict[str, float] = {
             "queue_items": float(self.queued_items),
             "batch_limit": float(self.batch_limit),
+            "max_batch_size": float(self._batcher.settings.max_batch_size),
             "service_ms_per_item": self.service_time.ms_per_item,
             "offload_ratio": sum(offloads.values()) / decisions if decisions else 0.0,
             "overflowing": 1.0 if self.offload.overflowing else 0.0,

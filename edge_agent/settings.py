@@ -86,6 +86,15 @@ class EdgeSettings(BaseSettings):
     trusted_key_file: Path | None = None
     """PEM Ed25519 public key that manifests must be signed with. None: the dev build layout,
     ``<model_dir>/keys/signing.key.pub``."""
+    desired_key_files: tuple[Path, ...] = ()
+    """PEM Ed25519 public keys desired state must be signed with: the controller's
+    (``<desired_signing_key_path or signing_key_path>.pub``), several during a key rotation;
+    read at each message. Empty: ``trusted_key_file`` when set (the controller that signs
+    manifests signs desired state with the same key by default)."""
+    allow_unsigned_desired: bool = False
+    """Development only: apply desired state without checking its signature. Off (the
+    default): unsigned, unknown-key, other-device or altered desired state is rejected,
+    counted and reported; with no desired key at all every desired state is rejected."""
     intra_op_threads: int = Field(default=0, ge=0, le=256)
     """ONNX Runtime intra-op threads; 0 lets ORT pick (one per physical core)."""
     http_host: str = "127.0.0.1"
@@ -190,6 +199,12 @@ class EdgeSettings(BaseSettings):
         if self.model_dir is None:
             raise ValueError("no model_dir and no trusted_key_file")
         return self.model_dir / DEV_PUBLIC_KEY
+
+    def desired_keys(self) -> tuple[Path, ...]:
+        """The key files desired-state signatures are checked against."""
+        if self.desired_key_files:
+            return self.desired_key_files
+        return () if self.trusted_key_file is None else (self.trusted_key_file,)
 
     @field_validator("device_id")
     @classmethod

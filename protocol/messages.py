@@ -113,11 +113,20 @@ MODEL_POLICY_KEY = "model"
 
 
 class DesiredState(Envelope):
-    """What the cloud wants a device to run. Generations only ever grow."""
+    """What the cloud wants a device to run. Generations only ever grow.
+
+    ``key_id`` and ``signature`` are the controller's Ed25519 signature over
+    (``device_id``, ``generation``, ``policy``) (``protocol.signing``); an agent that
+    requires signatures drops a message without them.
+    """
 
     kind: Literal["desired"] = "desired"
     generation: int = Field(ge=1)
     policy: dict[str, Any] = Field(default_factory=dict)
+    key_id: str | None = Field(default=None, max_length=64)
+    """Id of the signing key (sha256 of the raw public key, first 16 hex digits)."""
+    signature: str | None = Field(default=None, max_length=256)
+    """Base64 Ed25519 signature of ``protocol.signing.signed_bytes``."""
 
 
 class ApplyOutcome(StrEnum):

@@ -228,6 +228,23 @@ class DynamicBatcher(Generic[T]):
     def queued_items(self) -> int:
         return self._queued_items
 
+    @property
+    def settings(self) -> BatcherSettings:
+        return self._settings
+
+    def reconfigure(self, settings: BatcherSettings) -> None:
+        """Take new settings from the next batch on (call on the batcher's loop): the
+        adaptive limit keeps its value, clamped into the new floor and ceiling; what is
+        already queued stays queued even if above a smaller ``max_queue_items``."""
+        self._settings = settings
+        self.limit = AdaptiveLimit(
+            floor=settings.min_batch_size,
+            ceiling=settings.max_batch_size,
+            latency_budget_ms=settings.latency_budget_ms,
+            limit=min(settings.max_batch_size, max(settings.min_batch_size, self.limit.limit)),
+        )
+        self._wakeup.set()  # a shorter max_queue_delay_ms applies to what waits now
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())

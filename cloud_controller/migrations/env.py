@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-import cloud_controller.entities  # noqa: F401  (registers the tables for autogenerate)
+from cloud_controller import entities, policy_entities  # noqa: F401  (registers the tables)
 
 config = context.config
 target_metadata = SQLModel.metadata
