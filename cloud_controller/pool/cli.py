@@ -64,12 +64,13 @@ def tp_size_fits(tp: int) -> Check:
 
 def startup_checks(settings: PoolSettings) -> list[Check]:
     checks: list[Check] = [
-        mqtt_tls_files_readable(settings),
-        tcp_reachable(settings.mqtt_host, settings.mqtt_port, what="MQTT broker"),
+        tcp_reachable(settings.mqtt_host, settings.mqtt_port, what="MQTT broker")
     ]
+    tls = mqtt_tls_files_readable(settings)
     if settings.backend == "kubernetes":
-        return [packages_present("kubernetes", extra="cloud"), *checks]
+        return [tls, packages_present("kubernetes", extra="cloud"), *checks]
     return [
+        tls,
         packages_present("torch", "safetensors", "tokenizers", "numpy", extra="cloud"),
         tp_size_fits(settings.tp),
         *checks,
