@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.outbox import FullPolicy
@@ -56,6 +56,13 @@ class EdgeSettings(BaseSettings):
     """This device's client certificate (CN = device id); None = no client certificate."""
     mqtt_tls_key_file: Path | None = None
     """Private key of ``mqtt_tls_cert_file``."""
+    mqtt_username: str | None = Field(default=None, min_length=1)
+    """Username for password authentication; None with ``mqtt_password`` set: the device
+    id (the broker's ACL expects username = device id)."""
+    mqtt_password: SecretStr | None = None
+    """This device's password (``spillway certs mqtt-user <device-id>``), from the
+    environment (``SPILLWAY_EDGE_MQTT_PASSWORD``); None: no password (anonymous, or the
+    client certificate names the device). Never logged."""
     keepalive_s: int = Field(default=10, ge=1, le=65535)
     """MQTT keepalive in seconds; the broker sends the Last Will after 1.5x this of silence."""
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
@@ -238,6 +245,8 @@ class EdgeSettings(BaseSettings):
             tls_ca_file=_str_or_none(self.mqtt_tls_ca_file),
             tls_cert_file=_str_or_none(self.mqtt_tls_cert_file),
             tls_key_file=_str_or_none(self.mqtt_tls_key_file),
+            username=self.mqtt_username or (self.device_id if self.mqtt_password else None),
+            password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
         )
 
 
