@@ -9,7 +9,8 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-import cloud_controller.entities  # noqa: F401  (registers the tables for autogenerate)
+import cloud_controller.entities  # registers the tables for autogenerate
+import cloud_controller.rollout_entities  # noqa: F401  (and the rollouts')
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -10,7 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-import cloud_controller.entities  # noqa: F401  (registers the tables)
+import cloud_controller.entities  # registers the tables
+import cloud_controller.rollout_entities  # noqa: F401  (and the rollouts')
 from cloud_controller.database import downgrade, make_engine, migrate
 from cloud_controller.settings import CloudSettings
 
@@ -25,6 +26,9 @@ TABLES = {
     "model_versions",
     "model_variants",
     "alerts",
+    "rollouts",
+    "rollout_waves",
+    "rollout_devices",
 }
 
 
