@@ -180,8 +180,7 @@ def test_missing_telemetry_is_pending_never_a_pass() -> None:
 def test_too_few_requests_or_samples_are_pending() -> None:
     assert verdicts([active("a", model_requests=0.0)])["error_rate"] is Verdict.PENDING
     assert (
-        verdicts([active("a", model_requests=3.0)], min_requests=5)["error_rate"]
-        is Verdict.PENDING
+        verdicts([active("a", model_requests=3.0)], min_requests=5)["error_rate"] is Verdict.PENDING
     )
     few = verdicts([active("a", quality_samples=2.0)])
     assert few["quality_agreement"] is Verdict.PENDING
