@@ -149,6 +149,17 @@ class CloudSettings(BaseSettings):
     devices of a rollout asking for the same chunk cost one read and one hash; 0 keeps
     none."""
 
+    # -- rollouts -------------------------------------------------------------------------
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+    """Seconds (wall time) between two steps of the rollout engine; each step reads the
+    controller's clock, so waves and gates follow it, not this period."""
+    rollout_memory_share: float = Field(default=0.5, gt=0, le=1)
+    """Share of a device's announced memory a rollout's variant may take (the fit rule of
+    ``cloud_controller.rollouts.choose_variant``)."""
+    rollout_memory_overhead: float = Field(default=2.0, ge=1)
+    """Memory a variant needs as a multiple of its artifact size (weights, arena,
+    activations)."""
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:

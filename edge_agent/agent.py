@@ -187,6 +187,7 @@ class Agent:
                 )
             )
             installer.slots.attach(serving.runtime.swap_model)
+            serving.quality.policy = lambda: reconciler.state.policy  # quality_sample_share
         heartbeats = HeartbeatSender(
             device_id=device_id,
             topics=self._topics,

@@ -254,6 +254,8 @@ class ServingRuntime:
         self._cloud_timeout_s = settings.cloud_timeout_ms / 1000.0
         metrics.variant.info({"variant": model.variant, "device": model.device})
         metrics.on_scrape(self.refresh_gauges)
+        self.on_served: list[Callable[[EmbedRequest, EmbedOutcome], None]] = []
+        """Called on the loop with each answered request (``quality``); must not wait."""
 
     # -- lifecycle (on the loop) -----------------------------------------------------------
 
@@ -328,6 +330,8 @@ class ServingRuntime:
         self.metrics.observe_request(
             status=outcome.status.value, tier=outcome.tier.value, latency_s=latency_ms / 1000.0
         )
+        for hook in self.on_served:
+            hook(request, outcome)
         return outcome
 
     async def _route(self, request: EmbedRequest, started: float) -> EmbedOutcome:

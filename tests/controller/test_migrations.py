@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-from cloud_controller import entities, policy_entities  # noqa: F401  (registers the tables)
+from cloud_controller import tables  # noqa: F401  (registers every table)
 from cloud_controller.database import downgrade, make_engine, migrate
 from cloud_controller.settings import CloudSettings
 
@@ -29,6 +29,9 @@ TABLES = {
     "policy_versions",
     "device_groups",
     "operator_labels",
+    "rollouts",
+    "rollout_waves",
+    "rollout_devices",
 }
 
 
