@@ -5,12 +5,15 @@ goes through::
 
     route (offload.decide) --Offload--> cloud pool --fails--> (local)
           |                               \\--ok--> ResultWriter.commit --> answer
-          \\--Local--> DynamicBatcher --> model thread --records--> commit thread
-                                          (next batch)          (outbox, fsync) --> answer
+          \\--Local--> DynamicBatcher --> model thread --records--> commit thread (queue busy)
+                                                 |  (next batch)       (outbox, fsync) --> answer
+                                                 \\--(queue idle) outbox, fsync ------------> answer
 
-The model thread hands each batch's records straight to the writer's commit thread and
-goes on with the next batch, so compute and fsync overlap; an answer still waits for its
-own record to be durable.
+When more work is queued, the model thread hands each batch's records straight to the
+writer's commit thread and goes on with the next batch, so compute and fsync overlap.
+When nothing else is waiting, it commits the batch itself: a lone request's answer then
+crosses threads twice (loop -> model thread -> loop), its rows and its outbox seq
+together. Either way an answer waits for its own record to be durable.
 
 It never raises for one request's trouble: the outcome carries ``overloaded``,
 ``deadline_exceeded``, ``invalid`` or ``error`` with a detail. It runs on one asyncio loop
@@ -41,7 +44,7 @@ from edge_agent.metrics import ServingMetrics
 from edge_agent.offload import Offload, OffloadController, OffloadPolicy
 from edge_agent.outbox import OutboxError
 from edge_agent.padding import PaddedEmbedder
-from edge_agent.results import Done, ResultWriter, answer_on
+from edge_agent.results import Done, ResultWriter, Stored, answer_on
 from edge_agent.settings import EdgeSettings
 from protocol.inference import (
     MAX_TEXT_CHARS,
@@ -162,7 +165,9 @@ class _Ticket:
     submitted: float
     """Queued in the batcher."""
     done: Done
-    """Settles the caller's commit future once the record is durable."""
+    """Settles the caller's commit future once the record is durable (commit thread)."""
+    stored: Stored | None = None
+    """Set by the model thread before the batch returns when it committed the record itself."""
 
 
 @dataclass(frozen=True)
@@ -387,8 +392,11 @@ class ServingRuntime:
         except BatchingError as exc:
             return EmbedOutcome(rid, InferStatus.ERROR, Tier.EDGE, detail=str(exc))
         total_ms = (self._clock.monotonic() - submitted) * 1000.0
+        stored = ticket.stored  # committed on the model thread: no second wake-up
         try:
-            seq = await committed
+            seq = await committed if stored is None else stored
+            if isinstance(seq, OutboxError):
+                raise seq
         except OutboxError as exc:
             logger.error("result %s not stored: %s", rid, exc)
             return EmbedOutcome(
@@ -485,10 +493,12 @@ class ServingRuntime:
         return previous
 
     def _run_batch(self, items: list[_Text]) -> Rows:
-        """Compute one batch, hand its records to the commit thread, return its rows.
+        """Compute one batch, get its records committed, return its rows.
 
-        The commit runs while this thread starts the next batch; each caller is answered
-        only once its own record is durable.
+        With more requests queued, the records go to the commit thread, which commits them
+        while this thread starts the next batch. With none, this thread commits them
+        itself before returning (nothing is waiting for it) and leaves each ticket its
+        seq. Either way a caller is answered only once its own record is durable.
         """
         started = self._clock.monotonic()
         model = self.model  # read once: a swap during this batch does not touch it
@@ -501,7 +511,7 @@ class ServingRuntime:
             raise BatchShapeError(f"model returned {rows.shape[0]} rows for {len(items)} texts")
         served_at = self._clock.now()
         records: list[ResultRecord] = []
-        done: list[Done] = []
+        tickets: list[_Ticket] = []
         start = 0
         while start < len(items):  # a request's texts are contiguous in the batch
             ticket = items[start].ticket
@@ -522,7 +532,11 @@ class ServingRuntime:
                     embeddings=EmbeddingBlock.from_array(rows[start:end]),
                 )
             )
-            done.append(ticket.done)
+            tickets.append(ticket)
             start = end
-        self._writer.submit(records, done)
+        if self._batcher.queued_items:  # read across threads: a hint, either way is correct
+            self._writer.submit(records, [t.done for t in tickets])
+        else:
+            for ticket, stored in zip(tickets, self._writer.write(records), strict=True):
+                ticket.stored = stored
         return rows

@@ -74,6 +74,8 @@ def split(outputs: npt.NDArray[np.float32], sizes: Sequence[int]) -> list[npt.ND
         raise BatchShapeError(
             f"model returned {outputs.shape[0]} rows for a batch of {sum(sizes)} items"
         )
+    if len(sizes) == 1:  # a lone request (batch-1 serving): no copy, no split
+        return [outputs]
     bounds = list(itertools.accumulate(sizes))
     return list(np.split(outputs, bounds[:-1])) if sizes else []
 
