@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.bench_agent import bench_agent
+from sim.bench_overflow import bench_overflow
 from sim.bench_pool import bench_pool
 from sim.bench_rollout import bench_rollout
 from sim.broker import BrokerError
@@ -62,3 +63,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("rollout", help="Model delivery to N agents vs raw MQTT fan-out.")(
         bench_rollout
     )
+    bench_app.command(
+        "overflow", help="Edge-only vs edge + cloud overflow under a burst (edge simulated)."
+    )(bench_overflow)
