@@ -508,15 +508,23 @@ def run_overflow_bench(
         "Capacities measured in this run",
         ["what", "texts/s", "note"],
         [
-            {"what": "cloud pool (real, 1 replica TP=1 FP32 torch)", "texts/s": pool_capacity,
-             "note": f"closed loop, 16 single-text requests in flight, p50 {pool_p50:.0f} ms"},
-            {"what": f"edge {profile.hardware_class} (simulated, x{scale:.3f})",
-             "texts/s": edge_capacity, "note": "closed loop, 64 clients, offload off"},
-            {"what": f"edge {profile.hardware_class} as profiled (model, batch {options.max_batch_size})",
-             "texts/s": unscaled.capacity_per_s(options.max_batch_size),
-             "note": f"relative speed {profile.relative_speed:.2f} x calibration core"},
+            {
+                "what": "cloud pool (real, 1 replica TP=1 FP32 torch)",
+                "texts/s": pool_capacity,
+                "note": f"closed loop, 16 single-text requests in flight, p50 {pool_p50:.0f} ms",
+            },
+            {
+                "what": f"edge {profile.hardware_class} (simulated, x{scale:.3f})",
+                "texts/s": edge_capacity,
+                "note": "closed loop, 64 clients, offload off",
+            },
+            {
+                "what": f"edge {profile.hardware_class}, profile speed (b{options.max_batch_size})",
+                "texts/s": unscaled.capacity_per_s(options.max_batch_size),
+                "note": f"relative speed {profile.relative_speed:.2f} x calibration core",
+            },
         ],
-    )  # fmt: skip
+    )
     report.note(
         "Edge rows are **simulated**: the agent's serving runtime is real, the model is the "
         f"service-time model (INT8 ONNX Runtime measured here on 1 thread: "
@@ -528,7 +536,7 @@ def run_overflow_bench(
         report.note(
             f"Edge speed scaled x{scale:.3f} so its batch-1 capacity is "
             f"{options.edge_share:.2f} of the pool's measured capacity: the pool on this host is "
-            "CPU cores, not GPUs; with the profile's own speed one edge would outrun the whole pool."
+            "CPU cores, not GPUs; at the profile's own speed one edge outruns the whole pool."
         )
     report.note(
         "Cloud rows are real: the pool's torch workers on this host's CPUs, over a real "
