@@ -17,7 +17,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from cloud_controller import devices_api, health_api, models_api, queries, results_api
+from cloud_controller import (
+    dashboard,
+    devices_api,
+    fleet_api,
+    health_api,
+    models_api,
+    queries,
+    results_api,
+)
 from cloud_controller.artifacts import ArtifactStore
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import Clock, system_clock
@@ -129,6 +137,8 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
     app.include_router(models_api.alerts_router)
     app.include_router(health_api.router)
     app.include_router(pool_router)
+    app.include_router(fleet_api.router)
+    app.include_router(dashboard.router)
     _map_errors(app)
     return app
 
