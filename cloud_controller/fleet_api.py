@@ -25,9 +25,7 @@ MAX_BUCKETS = 720
 
 @router.get("/summary", response_model=fleet.FleetSummary)
 def get_summary(session: SessionDep, runtime: RuntimeDep) -> fleet.FleetSummary:
-    return fleet.summary(
-        session, now=runtime.clock(), stale_after_s=runtime.settings.stale_after_s
-    )
+    return fleet.summary(session, now=runtime.clock(), stale_after_s=runtime.settings.stale_after_s)
 
 
 @router.get("/devices", response_model=fleet.FleetPage)

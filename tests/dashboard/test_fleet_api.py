@@ -4,6 +4,7 @@ class, variant and staleness; the searchable table; the throughput/latency/offlo
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import pytest
 
 from cloud_controller.fleet import LATENCY_EDGES_MS, estimate_quantile
