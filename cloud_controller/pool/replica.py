@@ -470,7 +470,9 @@ def serve_rank(settings: PoolSettings, *, checkpoint: Path | None = None) -> int
         replica_id = settings.own_replica_id()
         metrics = PoolMetrics()
         if settings.metrics_port is not None:
-            serve_metrics(metrics, host=settings.metrics_host, port=settings.metrics_port)
+            serve_metrics(
+                metrics, host=settings.metrics_host or "0.0.0.0", port=settings.metrics_port
+            )
         engine = GroupEngine(model, ctx, load_tokenizer(checkpoint), device=device)
         store = AnsweredStore(
             settings.state_dir / replica_id / "answered.sqlite",

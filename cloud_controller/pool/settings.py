@@ -95,8 +95,8 @@ class PoolSettings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """TCP port of each replica's Prometheus ``/metrics``; None: not served. Replicas sharing
     a host need their own port (a taken port is logged and metrics are skipped)."""
-    metrics_host: str = "0.0.0.0"
-    """Address the replica's ``/metrics`` listens on."""
+    metrics_host: str | None = None
+    """Address the replica's ``/metrics`` listens on; None: every interface."""
     state_dir: Path = Path("var/pool")
     """Per-replica state (answered-request store) and, for local replicas, rank logs."""
 
