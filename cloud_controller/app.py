@@ -18,7 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cloud_controller import (
+    dashboard,
     devices_api,
+    fleet_api,
     health_api,
     models_api,
     policies_api,
@@ -144,6 +146,8 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
     app.include_router(pool_router)
     policies_api.install(app)
     app.include_router(rollouts_api.router)
+    app.include_router(fleet_api.router)
+    app.include_router(dashboard.router)
     _map_errors(app)
     return app
 

@@ -97,6 +97,16 @@ class ServingMetrics:
             "Results waiting for the controller's ack.",
             registry=r,
         )
+        self.outbox_bytes = Gauge(
+            "spillway_agent_outbox_bytes",
+            "Bytes of results waiting for the controller's ack (the outbox's size).",
+            registry=r,
+        )
+        self.mqtt_reconnects = Counter(
+            "spillway_agent_mqtt_reconnects",
+            "Connections to the broker after the first one.",
+            registry=r,
+        )
         self.outbox_dropped = Gauge(
             "spillway_agent_outbox_dropped", "Results the outbox dropped (bounds).", registry=r
         )
@@ -127,6 +137,11 @@ class ServingMetrics:
             self.latency.labels(tier=tier).observe(latency_s)
             with self._lock:
                 self._window.append(latency_s * 1000.0)
+
+    def on_connect(self, connects: int) -> None:
+        """Called after every CONNACK with the client's connect count."""
+        if connects > 1:
+            self.mqtt_reconnects.inc()
 
     def observe_batch(self, items: int) -> None:
         self.batch_items.observe(items)

@@ -434,6 +434,16 @@ class ServingRuntime:
             offload_reason=reason,
         )
         response = await self._cloud.infer(message, timeout_s=timeout_s)
+        # The same request id is in the pool replica's "request answered" line.
+        logger.info(
+            "request offloaded",
+            extra={
+                "request_id": request.request_id,
+                "reason": reason.value,
+                "status": response.status.value,
+                "replica": response.device_id,
+            },
+        )
         rows = None
         if response.embeddings is not None:
             rows = response.embeddings.to_array()

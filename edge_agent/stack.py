@@ -90,6 +90,7 @@ class ServingStack:
         )
         uplink.attach()
         client.add_connect_hook(uplink.on_connect)
+        client.add_connect_hook(lambda _: self.metrics.on_connect(client.connects))
         cloud: CloudClient = NoCloud()
         if settings.offload_enabled:
             mqtt_cloud = MqttCloudClient(
@@ -218,8 +219,9 @@ class ServingStack:
         return self.metrics.telemetry()
 
     def _refresh_gauges(self) -> None:
-        records, _ = self._parts.outbox.size()
+        records, size = self._parts.outbox.size()
         self.metrics.outbox_records.set(records)
+        self.metrics.outbox_bytes.set(size)
         self.metrics.outbox_dropped.set(self._parts.outbox.dropped)
         self.metrics.observe_host(self._sampler.sample())
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from cloud_controller.pool.answered import AnsweredStore
 from cloud_controller.pool.backpressure import ReplicaLoad, replica_load_topic
+from cloud_controller.pool.metrics import PoolMetrics, serve_metrics
 from cloud_controller.pool.settings import PoolSettings
 from cloud_controller.pool.tensor_parallel import (
     TPContext,
@@ -176,6 +177,7 @@ class ReplicaServer:
         replica_id: str,
         answered: AnsweredStore,
         variant: str,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
@@ -184,7 +186,9 @@ class ReplicaServer:
         self._variant = variant
         self._topics = Topics(settings.topic_root)
         self._mqtt = MqttClient(settings.mqtt(replica_id, manual_ack=True))
-        self._batcher: DynamicBatcher[str] = DynamicBatcher(engine.embed, settings.batcher())
+        self.metrics = metrics or PoolMetrics()
+        self._mqtt.add_connect_hook(lambda _: self.metrics.on_connect(self._mqtt.connects))
+        self._batcher: DynamicBatcher[str] = DynamicBatcher(self._embed, settings.batcher())
         self._clock = MonotonicClock()
         self._rejects = RejectCounter()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,6 +200,11 @@ class ReplicaServer:
         self._accepting = True
         self.answered_count = 0
         self.computed_count = 0
+        self.metrics.watch_queue(lambda: self._outstanding_items, lambda: len(self._computing))
+
+    def _embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        self.metrics.batch_items.observe(len(texts))
+        return self._engine.embed(texts)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -274,6 +283,7 @@ class ReplicaServer:
 
     async def _handle(self, msg: InboundMessage) -> None:
         ack = msg.ack or (lambda: None)
+        started = time.monotonic()
         try:
             request = decode(msg.payload, InferRequest)
         except DecodeError as exc:
@@ -310,6 +320,19 @@ class ReplicaServer:
             self._inflight.pop(request.message_id, None)
             self._load_changed.set()
         self.answered_count += 1
+        latency_s = time.monotonic() - started
+        self.metrics.observe(status=response.status.value, latency_s=latency_s)
+        # The request id the device gave: the same id is in the agent's log line.
+        logger.info(
+            "request answered",
+            extra={
+                "request_id": request.request_id,
+                "device_id": request.device_id,
+                "status": response.status.value,
+                "texts": len(request.texts),
+                "latency_ms": round(latency_s * 1000, 3),
+            },
+        )
         for each in acks:
             each()
 
@@ -445,6 +468,11 @@ def serve_rank(settings: PoolSettings, *, checkpoint: Path | None = None) -> int
             follow(model, ctx, device=device)
             return 0
         replica_id = settings.own_replica_id()
+        metrics = PoolMetrics()
+        if settings.metrics_port is not None:
+            serve_metrics(
+                metrics, host=settings.metrics_host or "0.0.0.0", port=settings.metrics_port
+            )
         engine = GroupEngine(model, ctx, load_tokenizer(checkpoint), device=device)
         store = AnsweredStore(
             settings.state_dir / replica_id / "answered.sqlite",
@@ -456,6 +484,7 @@ def serve_rank(settings: PoolSettings, *, checkpoint: Path | None = None) -> int
             replica_id=replica_id,
             answered=store,
             variant=variant_name(settings.tp, settings.dtype),
+            metrics=metrics,
         )
         asyncio.run(_serve_until_signal(server))
         return 0

@@ -105,6 +105,11 @@ class PoolSettings(BaseSettings):
     """Wait for the broker's PUBACK of an answer before giving up (the request is redelivered)."""
     answered_capacity: int = Field(default=4096, ge=1)
     """Answered requests remembered per replica for idempotency."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """TCP port of each replica's Prometheus ``/metrics``; None: not served. Replicas sharing
+    a host need their own port (a taken port is logged and metrics are skipped)."""
+    metrics_host: str | None = None
+    """Address the replica's ``/metrics`` listens on; None: every interface."""
     state_dir: Path = Path("var/pool")
     """Per-replica state (answered-request store) and, for local replicas, rank logs."""
 
