@@ -90,11 +90,7 @@ def _as_pattern(topic: str) -> str:
 
 def _artifact_chunks_filter(topics: Topics) -> str:
     """Every artifact's chunk broadcast topic (``{root}/artifacts/+/chunks``)."""
-    builder = getattr(topics, "artifact_chunks", None)
-    if builder is None:  # protocol.topics without the broadcast topic yet
-        return f"{topics.root}/artifacts/+/chunks"
-    topic: str = builder(_PLACEHOLDER_SHA)
-    return topic.replace(_PLACEHOLDER_SHA, "+")
+    return topics.artifact_chunks(_PLACEHOLDER_SHA).replace(_PLACEHOLDER_SHA, "+")
 
 
 def device_grants(topics: Topics) -> list[Grant]:
