@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from sim.broker import MosquittoBroker, free_port
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 from sim.profiles import profile_for
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
     try:
         db = work / "controller.db"
         db.unlink(missing_ok=True)  # every demo starts with a fresh fleet
+        admin_token = new_admin_token()
         controller = ChildProcess(
             "controller",
             [
@@ -112,11 +113,11 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
                 f"sqlite:///{db}",
             ],
             log_path=work / "logs" / "controller.log",
-            env={},
+            env={ADMIN_TOKEN_ENV: admin_token},
         )
         controller.start()
         children.append(controller)
-        http = httpx.Client(base_url=url, timeout=5.0)
+        http = httpx.Client(base_url=url, timeout=5.0, headers=bearer(admin_token))
         _poll(
             "the controller to be ready",
             lambda: http.get("/readyz").status_code == 200,

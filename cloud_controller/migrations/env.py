@@ -9,6 +9,8 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
+import cloud_controller.audit
+import cloud_controller.auth.tokens
 import cloud_controller.entities  # noqa: F401  (registers the tables for autogenerate)
 
 config = context.config
