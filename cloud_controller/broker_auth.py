@@ -27,7 +27,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -254,7 +254,9 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def write_password_file(path: Path, entries: Mapping[str, str]) -> None:
-    _write_private(path, "".join(f"{user}:{encoded}\n" for user, encoded in sorted(entries.items())))
+    _write_private(
+        path, "".join(f"{user}:{encoded}\n" for user, encoded in sorted(entries.items()))
+    )
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ class BrokerAuthDir:
     """
 
     directory: Path
-    topics: Topics = Topics()
+    topics: Topics = field(default_factory=Topics)
     controller_user: str = CONTROLLER_USER
     pool_user: str = POOL_USER
 

@@ -49,7 +49,7 @@ from protocol.mqtt import InboundMessage, MqttClient, MqttSettings
 from protocol.topics import QoS
 from protocol.transfer import DEFAULT_CHUNK_BYTES
 from sim.broker import MosquittoBroker, free_port
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def _delivery(
     key_path = work / "keys" / "signing.key"
     save_signing_key(key, key_path)
     port = free_port()
+    admin_token = new_admin_token()
     controller = ChildProcess(
         "controller",
         [
@@ -192,9 +193,12 @@ def _delivery(
             "SPILLWAY_MAX_CONCURRENT_TRANSFERS": str(agents),
             "SPILLWAY_TRANSFER_QUEUE_MAX": str(max(256, agents * 8)),
             "SPILLWAY_TRANSFER_WORKERS": str(transfer_workers),
+            ADMIN_TOKEN_ENV: admin_token,
         },
     )
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=120, headers=bearer(admin_token)
+    )
     fleet: list[Agent] = []
     controller.start()
     try:
