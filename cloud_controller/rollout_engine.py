@@ -396,7 +396,7 @@ class RolloutEngine:
         with Session(self._engine) as session:
             return self._public(session, self._get(session, rollout_id))
 
-    def list_page(
+    def list_rollouts(
         self, *, state: RolloutState | None, page: int, page_size: int
     ) -> tuple[list[RolloutSummary], int]:
         with Session(self._engine) as session:

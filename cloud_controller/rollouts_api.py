@@ -61,7 +61,7 @@ def list_rollouts(
 ) -> RolloutPage:
     """Rollouts, newest first."""
     check_page_size(page_size, settings)
-    items, total = rollouts.list_page(state=state, page=page, page_size=page_size)
+    items, total = rollouts.list_rollouts(state=state, page=page, page_size=page_size)
     return RolloutPage(items=items, total=total, page=page, page_size=page_size)
 
 
