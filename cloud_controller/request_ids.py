@@ -2,7 +2,7 @@
 
 An ASGI middleware puts the id in a context variable for the duration of the request;
 ``current()`` reads it (the audit log stores it) and ``install_log_field()``, called once
-at the entry point, adds it as ``request_id`` to every log record made meanwhile. A
+at the entry point, adds it as ``request_id`` to every log line written meanwhile. A
 client's id is kept when it is short and plain (``[A-Za-z0-9._:-]``, at most 128
 characters), otherwise replaced, so it is safe in logs and headers.
 """
@@ -13,7 +13,6 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
-from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -63,18 +62,20 @@ class RequestIdMiddleware:
             _current.reset(token)
 
 
-def install_log_field() -> None:
-    """Give every log record made during a request a ``request_id`` field (idempotent)."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "_spillway_request_id", False):
-        return
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to records made while a request is served (a filter, not a
+    record factory, so a caller's own ``extra={"request_id": ...}`` still wins)."""
 
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
+    def filter(self, record: logging.LogRecord) -> bool:
         request_id = _current.get()
         if request_id is not None and not hasattr(record, "request_id"):
             record.request_id = request_id
-        return record
+        return True
 
-    factory._spillway_request_id = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(factory)
+
+def install_log_field() -> None:
+    """Give every record the root logger's handlers write during a request a
+    ``request_id`` field; call once, after the handlers are configured (idempotent)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())

@@ -6,6 +6,7 @@ but not manage tokens; missing, unknown and revoked tokens get 401, too low a ro
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from cloud_controller.audit import AuditEntry
 from cloud_controller.auth import Role, tokens
 from cloud_controller.cli import controller_app
 from cloud_controller.database import make_engine
+from cloud_controller.request_ids import RequestIdFilter
 from tests.controller.helpers import TEST_ADMIN_TOKEN, Controller, bearer
 
 UNAUTHENTICATED = {"/healthz", "/readyz", "/metrics"}
@@ -285,3 +287,13 @@ def test_cli_creates_a_token_in_the_database(database_url: str) -> None:
     )
     assert bad.exit_code == 2
     assert bad.stderr.strip().startswith("spillway controller: bad token: role")
+
+
+def test_log_lines_written_during_a_request_carry_its_id(
+    controller: Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO, logger="cloud_controller"):
+        controller.client().get("/api/v1/devices", headers={"X-Request-ID": "r-42"})
+    (line,) = [r for r in caplog.records if r.getMessage() == "request denied"]
+    assert line.request_id == "r-42"  # type: ignore[attr-defined]
