@@ -23,8 +23,10 @@ from cloud_controller import (
     fleet_api,
     health_api,
     models_api,
+    policies_api,
     queries,
     results_api,
+    rollouts_api,
 )
 from cloud_controller.artifacts import ArtifactStore
 from cloud_controller.bridge import Bridge
@@ -38,6 +40,7 @@ from cloud_controller.errors import (
 )
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.pool.gateway import PoolClient, pool_router
+from cloud_controller.rollout_engine import RolloutEngine, RolloutError
 from cloud_controller.runtime import Runtime
 from cloud_controller.settings import CloudSettings
 from cloud_controller.transfer import ChunkServer
@@ -114,6 +117,9 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
             )
             pool_client.start()
             app.state.pool_client = pool_client
+            rollouts = RolloutEngine(settings=settings, engine=engine, bridge=bridge, clock=clock)
+            app.state.rollouts = rollouts
+            rollouts.start()  # unfinished rollouts go on from their persisted wave
             logger.info(
                 "controller started",
                 extra={"mqtt": f"{settings.mqtt_host}:{settings.mqtt_port}"},
@@ -121,6 +127,7 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
             try:
                 yield
             finally:
+                rollouts.stop()
                 pool_client.stop()
                 if watcher is not None:
                     watcher.stop()
@@ -137,6 +144,8 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
     app.include_router(models_api.alerts_router)
     app.include_router(health_api.router)
     app.include_router(pool_router)
+    policies_api.install(app)
+    app.include_router(rollouts_api.router)
     app.include_router(fleet_api.router)
     app.include_router(dashboard.router)
     _map_errors(app)
@@ -159,6 +168,10 @@ def _map_errors(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def registry_refused(request: Request, exc: RegistryError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "reason": exc.reason}, status_code=exc.status_code)
+
+    @app.exception_handler(RolloutError)
+    async def rollout_refused(request: Request, exc: RolloutError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(SQLAlchemyError)
     async def database_failed(request: Request, exc: SQLAlchemyError) -> JSONResponse:

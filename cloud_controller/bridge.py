@@ -23,6 +23,10 @@ worker deletes what ``retention`` says is too old or too many.
 The bridge owns each device's desired state on the wire: ``set_desired`` commits the next
 generation and then publishes it retained, QoS 1; every (re)connect republishes every
 device's current desired state, so a broker that lost its retained messages gets them back.
+Every desired-state message is signed (``protocol.signing``) with the controller's Ed25519
+key (``desired_signing_key_path``, else ``signing_key_path``): agents drop unsigned or
+forged ones. After a device's Hello is stored, its effective operating policy is pushed if
+it changed (``policies.sync``): a new device, or new reported labels, may change it.
 
 It knows nothing of HTTP.
 """
@@ -43,7 +47,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from cloud_controller import desired, ingest, retention
+from cloud_controller import desired, ingest, policies, retention
 from cloud_controller.clock import Clock
 from cloud_controller.database import one_line
 from cloud_controller.entities import DeviceDesired
@@ -51,6 +55,7 @@ from cloud_controller.errors import DesiredNotPublished
 from cloud_controller.gaps import GapChange, GapTracker
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.settings import CloudSettings
+from models.signing import load_or_create_signing_key
 from protocol.codec import DecodeError, RejectCounter, decode, encode
 from protocol.inference import ResultAck, ResultBatch
 from protocol.messages import (
@@ -63,6 +68,7 @@ from protocol.messages import (
     Telemetry,
 )
 from protocol.mqtt import InboundMessage, MqttClient, MqttError
+from protocol.signing import Signer, sign_desired
 from protocol.topics import DeviceChannel, InvalidTopic, Topics
 
 logger = logging.getLogger(__name__)
@@ -110,7 +116,10 @@ class Bridge:
         metrics: ControllerMetrics,
         clock: Clock,
         client: MqttClient | None = None,
+        signer: Signer | None = None,
     ) -> None:
+        """``signer`` signs desired state; None: the key at ``desired_signing_key_path``
+        (else ``signing_key_path``), generated when absent, loaded at ``start``."""
         self._settings = settings
         self._engine = engine
         self._metrics = metrics
@@ -120,6 +129,10 @@ class Bridge:
         self._desired_lock = threading.Lock()
         """Orders "commit generation, publish it" against itself and the republish hook,
         so the retained message is always the newest generation."""
+        self.policy_lock = threading.Lock()
+        """Held by ``policies.sync`` from reading the fleet to its last publish."""
+        self._signer = signer
+        self._signer_lock = threading.Lock()
         self.rejects = RejectCounter()
         keep = settings.telemetry_history
         self._appliers: dict[DeviceChannel, Applier] = {
@@ -146,7 +159,9 @@ class Bridge:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Subscribe and start connecting in the background (does not wait)."""
+        """Load the signing key, subscribe and start connecting in the background (does not
+        wait). Raises ``OSError``/``ValueError`` when the signing key cannot be read."""
+        self.signer()
         self._worker = threading.Thread(target=self._drain, name="controller-ingest", daemon=True)
         self._worker.start()
         self._client.add_connect_hook(self._on_connect)
@@ -301,6 +316,8 @@ class Bridge:
             return
         if outcome is ingest.Ingested.APPLIED:
             self._metrics.ingested.labels(channel.value).inc()
+            if channel is DeviceChannel.HELLO:
+                self._sync_policy(message.device_id)
         else:
             self._metrics.ignored.labels(channel.value, outcome.value).inc()
             logger.info(
@@ -451,6 +468,16 @@ class Bridge:
         start = time.monotonic()
         return lambda: self._settings.ingest_retry_s - (time.monotonic() - start)
 
+    def _sync_policy(self, device_id: str) -> None:
+        """Push the device's effective policy if its Hello changed it (worker thread)."""
+        try:
+            policies.sync(self, self._engine, device_ids=[device_id])
+        except SQLAlchemyError as exc:
+            logger.error(
+                "effective policy not pushed after hello",
+                extra={"device_id": device_id, "error": one_line(exc)},
+            )
+
     def _storage_failed(
         self, channel: DeviceChannel, message: Envelope, topic: str, exc: SQLAlchemyError
     ) -> None:
@@ -492,10 +519,20 @@ class Bridge:
         )
         return row.generation
 
+    def signer(self) -> Signer:
+        """The key desired state is signed with (loaded, or generated, on first use)."""
+        with self._signer_lock:
+            if self._signer is None:
+                settings = self._settings
+                path = settings.desired_signing_key_path or settings.signing_key_path
+                self._signer = load_or_create_signing_key(path)
+            return self._signer
+
     def _publish_desired(self, row: DeviceDesired) -> None:
-        """Hand the retained QoS 1 message to paho; never waits (hooks call this too)."""
-        message: BaseModel = DesiredState(
-            device_id=row.device_id, generation=row.generation, policy=row.policy
+        """Sign, then hand the retained QoS 1 message to paho; never waits (hooks call this)."""
+        message: BaseModel = sign_desired(
+            DesiredState(device_id=row.device_id, generation=row.generation, policy=row.policy),
+            self.signer(),
         )
         spec = DeviceChannel.DESIRED.spec
         self._client.publish(

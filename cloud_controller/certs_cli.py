@@ -1,20 +1,31 @@
-"""``spillway certs``: the development PKI from the command line (``cloud_controller.certs``).
+"""``spillway certs``: the development PKI and MQTT credentials from the command line.
 
 Writes PEM files an operator copies into Kubernetes Secrets (the broker's server
-certificate) and onto edge nodes (one client certificate per device, CN = device id).
-Development and test clusters only; production uses the cluster's issuer.
+certificate) and onto edge nodes (one client certificate per device, CN = device id);
+development and test clusters only, production uses the cluster's issuer. ``mqtt-user``
+issues per-identity MQTT passwords and the broker's password and ACL files
+(``cloud_controller.broker_auth``), in any environment.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from cloud_controller.broker_auth import (
+    CONTROLLER_USER,
+    POOL_USER,
+    BrokerAuthDir,
+    CredentialError,
+    Role,
+    validate_username,
+)
 from cloud_controller.certs import ensure_ca, issue
-from protocol.topics import validate_device_id
+from protocol.topics import DEFAULT_ROOT, Topics, validate_device_id
 
 certs_app = typer.Typer(
     help="Development PKI: a CA, the broker's server certificate, per-device certificates.",
@@ -61,6 +72,10 @@ def device_certs(
             raise typer.BadParameter(str(exc), param_hint="DEVICE_IDS") from exc
         if device_id in ("ca", "mosquitto"):  # their files would overwrite the CA's/broker's
             raise typer.BadParameter(f"{device_id!r} is reserved", param_hint="DEVICE_IDS")
+        if device_id in (CONTROLLER_USER, POOL_USER):  # the CN becomes the MQTT username
+            raise typer.BadParameter(
+                f"{device_id!r} is a cloud identity's name", param_hint="DEVICE_IDS"
+            )
     ca = ensure_ca(directory)
     for device_id in device_ids:
         issued = issue(directory, device_id, valid_days=valid_days)
@@ -74,3 +89,72 @@ def device_certs(
             (folder / "device.key").chmod(0o600)
             line += f" (copy {folder}/ to /etc/spillway/tls/ on the node)"
         typer.echo(line)
+
+
+MqttDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--dir", help="Folder of the broker's passwd, acl and acl-devices files (created)."
+    ),
+]
+
+
+@certs_app.command("mqtt-user")
+def mqtt_user(
+    usernames: Annotated[
+        list[str], typer.Argument(help="Device ids, or the controller's/pool's username.")
+    ],
+    directory: MqttDirOption = Path("var/mqtt"),
+    role: Annotated[Role, typer.Option(help="What the identity is; decides its ACL.")] = Role.DEVICE,
+    topic_root: Annotated[str, typer.Option(help="First levels of every topic.")] = DEFAULT_ROOT,
+    show: Annotated[
+        bool,
+        typer.Option(
+            "--show/--no-show",
+            help="Print 'username:password' on stdout instead of writing "
+            "<dir>/credentials/<username> (for piping into a secret store).",
+        ),
+    ] = False,
+) -> None:
+    """Create or rotate MQTT passwords (random) and rewrite the broker's ACL files.
+
+    The password is never logged: it goes to <dir>/credentials/<username> (mode 0600) or,
+    with --show, to stdout only. Send mosquitto SIGHUP (or restart it) to load the change.
+    """
+    auth = BrokerAuthDir(directory, Topics(topic_root))
+    try:
+        for username in usernames:  # validate all before changing anything
+            validate_username(
+                username, role, cloud_users=(auth.controller_user, auth.pool_user)
+            )
+        issued = [auth.issue(username, role) for username in usernames]
+    except CredentialError as exc:
+        raise typer.BadParameter(str(exc), param_hint="USERNAMES") from exc
+    for item in issued:
+        verb = "rotated" if item.rotated else "created"
+        if show:
+            typer.echo(f"{item.username}:{item.password}")
+            continue
+        path = directory / "credentials" / item.username
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(item.password)
+        typer.echo(f"{item.username} ({role}): {verb}; password in {path}")
+    typer.echo(
+        f"broker files: {auth.password_file}, {auth.acl_file}, {auth.device_acl_file}", err=show
+    )
+
+
+@certs_app.command("mqtt-revoke")
+def mqtt_revoke(
+    usernames: Annotated[list[str], typer.Argument(help="Usernames to remove.")],
+    directory: MqttDirOption = Path("var/mqtt"),
+) -> None:
+    """Remove MQTT users from the password file (send mosquitto SIGHUP afterwards; a
+    connected client stays connected until it reconnects)."""
+    auth = BrokerAuthDir(directory)
+    for username in usernames:
+        removed = auth.revoke(username)
+        (directory / "credentials" / username).unlink(missing_ok=True)
+        typer.echo(f"{username}: {'revoked' if removed else 'not present'}")

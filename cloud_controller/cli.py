@@ -20,6 +20,7 @@ from spillway.preflight import (
     EXIT_PREFLIGHT,
     Check,
     PreflightError,
+    mqtt_tls_files_readable,
     packages_present,
     port_free,
     run_checks,
@@ -93,6 +94,7 @@ def startup_checks(settings: CloudSettings) -> list[Check]:
     checks = [
         packages_present(*packages, extra="cloud"),
         port_free(settings.http_host, settings.http_port, what="REST API"),
+        mqtt_tls_files_readable(settings),
         tcp_reachable(settings.mqtt_host, settings.mqtt_port, what="MQTT broker"),
         database_reachable(settings.database_url),
         directory_writable(settings.artifact_dir, what="artifact store"),

@@ -12,8 +12,12 @@ ControllerError            base class
     ├── UploadMalformed    permanent: the request is not a usable upload (400)
     ├── UploadRejected     permanent: signature, integrity or name check failed (422)
     └── UploadTooLarge     permanent: larger than ``max_upload_bytes`` (413)
+└── PolicyError            the policy or group API refused a request
+    ├── PolicyNotFound     permanent: no policy (or version) of that name (404)
+    ├── GroupNotFound      permanent: no device group of that name (404)
+    └── PolicyConflict     permanent: the name is taken (409)
 
-Registry errors carry a short machine-readable ``reason`` (``bad_signature``,
+Registry and policy errors carry a short machine-readable ``reason`` (``bad_signature``,
 ``digest_mismatch``, ...) beside the message.
 """
 
@@ -83,3 +87,34 @@ class UploadTooLarge(RegistryError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="too_large")
+
+
+class PolicyError(ControllerError):
+    """Base of the policy and group API's refusals; ``reason`` is machine-readable."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PolicyNotFound(PolicyError, LookupError):
+    status_code = 404
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="not_found")
+
+
+class GroupNotFound(PolicyError, LookupError):
+    status_code = 404
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"device group {name!r} not found", reason="not_found")
+
+
+class PolicyConflict(PolicyError):
+    status_code = 409
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="conflict")

@@ -140,12 +140,18 @@ class ControllerMetrics:
 
         self.transfer_chunks = Counter(
             "spillway_transfer_chunks_total",
-            "Artifact chunks served (answered ok and acknowledged by the broker).",
+            "Artifact chunks published (answered ok and acknowledged by the broker); a broadcast "
+            "publish counts once however many devices it reaches.",
             registry=self.registry,
         )
         self.transfer_bytes = Counter(
             "spillway_transfer_bytes_total",
             "Artifact bytes served in chunks.",
+            registry=self.registry,
+        )
+        self.transfer_coalesced = Counter(
+            "spillway_transfer_coalesced_total",
+            "Chunk requests answered by a broadcast publish made once for several requests.",
             registry=self.registry,
         )
         self.transfer_busy = Counter(

@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.codec import DEFAULT_MAX_BYTES
 from protocol.mqtt import MqttSettings
 from protocol.topics import DEFAULT_ROOT
 from protocol.transfer import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from spillway.preflight import check_mqtt_credentials
 
 WATCH_VARIANTS = ("fp32-onnx", "int8-onnx", "fp16-onnx")
 """Variants built from a dropped FP32 ONNX file (a ``.pt`` file gives ``fp32-torchscript``)."""
@@ -58,6 +59,18 @@ class CloudSettings(BaseSettings):
     """Seconds the broker keeps the controller's session while it is away."""
     mqtt_reconnect_backoff_max_s: float = Field(default=10.0, gt=0)
     """Upper bound in seconds of the jittered wait between reconnect attempts."""
+    mqtt_username: str | None = Field(default=None, min_length=1)
+    """Username the controller authenticates with (``spillway certs mqtt-user``); None:
+    anonymous, for a development broker only."""
+    mqtt_password: SecretStr | None = None
+    """Password of ``mqtt_username``; set it from a Secret (``SPILLWAY_MQTT_PASSWORD``),
+    never on a command line. Never logged."""
+    mqtt_tls_ca_file: Path | None = None
+    """CA certificate that signed the broker's certificate; None = plain TCP."""
+    mqtt_tls_cert_file: Path | None = None
+    """Client certificate for a listener that requires one; None = none."""
+    mqtt_tls_key_file: Path | None = None
+    """Private key of ``mqtt_tls_cert_file``."""
     topic_root: str = Field(default=DEFAULT_ROOT, min_length=1)
     """First levels of every topic, e.g. ``spillway/v1``."""
     stale_after_s: float = Field(default=30.0, gt=0)
@@ -108,6 +121,11 @@ class CloudSettings(BaseSettings):
     model_eval_sentences: int = Field(default=1200, ge=10)
     """Held-out sentences the quality gate of a dropped model's variants is measured on."""
 
+    # -- policies -------------------------------------------------------------------------
+    desired_signing_key_path: Path | None = None
+    """Ed25519 key (PEM) that signs every desired-state message (agents verify it with the
+    public half, ``<path>.pub``); generated once when absent. None: ``signing_key_path``."""
+
     # -- artifact transfer ----------------------------------------------------------------
     transfer_max_chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1, le=MAX_CHUNK_BYTES)
     """Largest chunk in bytes a device may ask for; larger requests get ``bad_range``. The
@@ -131,10 +149,32 @@ class CloudSettings(BaseSettings):
     devices of a rollout asking for the same chunk cost one read and one hash; 0 keeps
     none."""
 
+    # -- rollouts -------------------------------------------------------------------------
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+    """Seconds (wall time) between two steps of the rollout engine; each step reads the
+    controller's clock, so waves and gates follow it, not this period."""
+    rollout_memory_share: float = Field(default=0.5, gt=0, le=1)
+    """Share of a device's announced memory a rollout's variant may take (the fit rule of
+    ``cloud_controller.rollouts.choose_variant``)."""
+    rollout_memory_overhead: float = Field(default=2.0, ge=1)
+    """Memory a variant needs as a multiple of its artifact size (weights, arena,
+    activations)."""
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _mqtt_credentials_complete(self) -> CloudSettings:
+        check_mqtt_credentials(
+            username=self.mqtt_username,
+            password=self.mqtt_password,
+            ca_file=self.mqtt_tls_ca_file,
+            cert_file=self.mqtt_tls_cert_file,
+            key_file=self.mqtt_tls_key_file,
+        )
+        return self
 
     def mqtt(self) -> MqttSettings:
         """Connection settings for the bridge's ``protocol.mqtt.MqttClient``."""
@@ -145,4 +185,9 @@ class CloudSettings(BaseSettings):
             keepalive_s=self.mqtt_keepalive_s,
             session_expiry_s=self.mqtt_session_expiry_s,
             backoff_max_s=self.mqtt_reconnect_backoff_max_s,
+            username=self.mqtt_username,
+            password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
+            tls_ca_file=str(self.mqtt_tls_ca_file) if self.mqtt_tls_ca_file else None,
+            tls_cert_file=str(self.mqtt_tls_cert_file) if self.mqtt_tls_cert_file else None,
+            tls_key_file=str(self.mqtt_tls_key_file) if self.mqtt_tls_key_file else None,
         )

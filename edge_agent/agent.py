@@ -11,6 +11,11 @@ HTTP and MQTT ingress, batching, offload, the outbox and its uplink); the stack 
 before the client starts so its subscriptions go out with every CONNACK, and it is
 imported only then, so an agent without a model never loads numpy or a web framework.
 
+Desired state is trusted only when signed by the controller (``operating.DesiredVerifier``,
+keys from ``EdgeSettings.desired_keys()``); the operating policy it carries drives the
+batcher, the offload policy and the telemetry interval from the moment its generation is
+committed, and again after a restart (``operating.OperatingPolicy``).
+
 An unreachable broker is not an error here: the client keeps retrying with backoff while
 the device keeps its applied state and keeps serving; signals and process exit codes
 belong to ``cli``. This module must not know the controller, the simulator or the CLI root.
@@ -31,6 +36,13 @@ from edge_agent.download import ChunkPuller, PullSettings
 from edge_agent.hotswap import LoadedVariant, ModelSlots
 from edge_agent.install import ModelInstaller, ModelPolicyApplier, default_load, file_keyring
 from edge_agent.installed import InstallLedger
+from edge_agent.operating import (
+    DesiredVerifier,
+    OperatingPolicy,
+    OperatingPolicyApplier,
+    batcher_settings,
+    runtime_offload,
+)
 from edge_agent.periodic import PeriodicTask
 from edge_agent.probe import HostProbe, SystemProbe, agent_version
 from edge_agent.reconcile import JsonPolicyApplier, PolicyApplier, Reconciler
@@ -40,6 +52,7 @@ from edge_agent.telemetry import HeartbeatSender, TelemetrySender
 from protocol.codec import RejectCounter, encode
 from protocol.messages import RuntimeCapabilities
 from protocol.mqtt import MqttClient, MqttError
+from protocol.policy import Policy
 from protocol.topics import DeviceChannel, Topics
 
 if TYPE_CHECKING:
@@ -66,6 +79,7 @@ class _Running:
     tasks: list[PeriodicTask]
     serving: ServingStack | None
     installer: ModelInstaller
+    operating: OperatingPolicy
 
 
 class AgentStateError(RuntimeError):
@@ -102,6 +116,8 @@ class Agent:
         """Dropped inbound messages by (channel, reason)."""
         self._run: _Running | None = None
         self._stopped = False
+        self._tasks_lock = threading.Lock()
+        """Orders replacing the telemetry task (policy) against ``stop``."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -121,6 +137,13 @@ class Agent:
         )
         client = MqttClient(settings.mqtt(), will=will)
         installer = self._installer(store, client)
+        operating = OperatingPolicy(settings)
+
+        def applied(generation: int) -> None:
+            operating.activate(reconciler.state.policy)
+            if self._on_applied is not None:
+                self._on_applied(generation)
+
         reconciler = Reconciler(
             device_id=device_id,
             topics=self._topics,
@@ -128,10 +151,13 @@ class Agent:
             publisher=client,
             boot_epoch=boot_epoch,
             clock=self._clock,
-            applier=ModelPolicyApplier(installer, inner=self._applier),
+            applier=ModelPolicyApplier(installer, inner=OperatingPolicyApplier(self._applier)),
             rejects=self.rejects,
-            on_applied=self._on_applied,
+            on_applied=applied,
             report_policy=installer.reported_policy,
+            verify=DesiredVerifier(
+                settings.desired_keys(), allow_unsigned=settings.allow_unsigned_desired
+            ),
         )
         installer.on_status = reconciler.report_progress
         serving: ServingStack | None = None
@@ -161,6 +187,7 @@ class Agent:
                 )
             )
             installer.slots.attach(serving.runtime.swap_model)
+            serving.quality.policy = lambda: reconciler.state.policy  # quality_sample_share
         heartbeats = HeartbeatSender(
             device_id=device_id,
             topics=self._topics,
@@ -203,7 +230,9 @@ class Agent:
             tasks,
             serving,
             installer,
+            operating,
         )
+        operating.add_consumer(self._take_policy)
         desired = DeviceChannel.DESIRED
         client.subscribe(
             self._topics.device(device_id, desired), reconciler.on_message, qos=desired.spec.qos
@@ -224,6 +253,7 @@ class Agent:
         client.start()
         for task in tasks:
             task.start()
+        operating.activate(reconciler.state.policy)  # what the last run committed
         logger.info(
             "agent started",
             extra={
@@ -239,8 +269,10 @@ class Agent:
         run = self._run
         if run is None or self._stopped:
             return
-        self._stopped = True  # the run stays inspectable (counters, applied generations)
-        for task in run.tasks:
+        with self._tasks_lock:
+            self._stopped = True  # the run stays inspectable (counters, applied generations)
+            tasks = list(run.tasks)
+        for task in tasks:
             task.stop()
         run.installer.cancel.set()  # a download in hand stops; it resumes on the next start
         if run.serving is not None:
@@ -298,6 +330,11 @@ class Agent:
         return self._running().installer
 
     @property
+    def operating_policy(self) -> OperatingPolicy:
+        """The operating policy in force (``current``) and where it came from (``sources``)."""
+        return self._running().operating
+
+    @property
     def applied_state(self) -> AppliedState:
         return self._running().reconciler.state
 
@@ -323,6 +360,7 @@ class Agent:
             counts[f"{channel}_rejected_{reason}"] = count
             rejected += count
         counts["rejected"] = rejected
+        counts["policy_activations"] = run.operating.activations
         counts.update(run.installer.counters())
         if run.serving is not None:
             counts.update(run.serving.counters())
@@ -361,6 +399,35 @@ class Agent:
             progress_interval_s=settings.model_progress_interval_s,
         )
 
+    def _take_policy(self, policy: Policy) -> None:
+        """Consumer of the operating policy (reconcile thread, or ``start``)."""
+        run = self._running()
+        if run.serving is not None:
+            serving = run.serving
+            serving.loop.call(
+                serving.runtime.set_policy(
+                    batcher_settings(policy.batching), runtime_offload(policy.offload)
+                ),
+                timeout_s=10,
+            )
+        self._set_telemetry_interval(run, policy.telemetry.interval_s)
+
+    def _set_telemetry_interval(self, run: _Running, interval_s: float) -> None:
+        """Replace the telemetry task when its interval changes (the old one is stopped)."""
+        with self._tasks_lock:
+            if self._stopped:
+                return
+            index = next(i for i, t in enumerate(run.tasks) if t.name == "telemetry")
+            if run.tasks[index].interval_s == interval_s:
+                return
+            run.tasks[index].stop()
+            task = PeriodicTask(
+                "telemetry", run.telemetry.report, interval_s=interval_s, clock=self._clock
+            )
+            run.tasks[index] = task
+            task.start()
+        logger.info("telemetry interval changed", extra={"interval_s": interval_s})
+
     def _running(self) -> _Running:
         if self._run is None:
             raise AgentStateError("the agent was never started")
@@ -368,6 +435,7 @@ class Agent:
 
     def _telemetry_metrics(self) -> dict[str, float]:
         metrics = {f"{name}_total": float(value) for name, value in self.counters().items()}
+        metrics["telemetry_interval_s"] = self._running().operating.current.telemetry.interval_s
         serving = self._running().serving
         if serving is not None:
             metrics.update(serving.telemetry())

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from spillway.preflight import PreflightError, run_checks
+from spillway.preflight import PreflightError, mqtt_tls_files_readable, run_checks
 
 EXIT_STARTUP = 2
 
@@ -122,7 +122,9 @@ def run(
         if no_http:
             values["http_port"] = None
         settings = preflight.load_settings(values)
-        run_checks([preflight.state_dir_writable(settings.state_dir)])
+        run_checks(
+            [preflight.state_dir_writable(settings.state_dir), mqtt_tls_files_readable(settings)]
+        )
         if settings.serving:
             run_checks(preflight.serving_checks(settings))
     except PreflightError as exc:

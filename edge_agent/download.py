@@ -1,22 +1,32 @@
 """Resumable artifact download over MQTT: pull checked chunks, keep a verified offset.
 
 ``ChunkPuller.fetch(sha256, size_bytes)`` asks the chunk server (``Topics.model_chunks()``)
-for ``chunk_bytes`` at a time with MQTT v5 request/response: response topic
-``<replies/device_id>/chunks`` and a fresh correlation id per request, a small window of
-requests in flight. Every answer is unframed and checked by ``protocol.transfer.decode_chunk``
-(its own sha256), written at its offset into ``<staging>/<sha256>/partial``; the *verified
+for ``chunk_bytes`` at a time with MQTT v5 request/response, a small window of requests in
+flight. The response topic is the artifact's broadcast topic
+(``Topics.artifact_chunks(sha256)``), subscribed while the fetch runs: the controller
+publishes each chunk once for every agent downloading the artifact, and this agent takes
+any chunk it still needs, whoever asked for it (so it rarely has to ask at all when
+others lead). Each request carries a fresh correlation id, the id of the current
+subscription (``listener``, drawn again after every subscribe and reconnect) and how many
+times the chunk was asked for. Every frame is unframed and checked by
+``protocol.transfer.decode_chunk`` (its own sha256); a chunk this agent asked for (same
+correlation, or same offset and length) must match its request exactly, another one is
+taken only if it fits the artifact's size and this agent's chunk grid, else ignored.
+Chunks are written at their offset into ``<staging>/<sha256>/partial``; the *verified
 offset* advances only over contiguous checked chunks, and each advance is made durable -
 the partial file is fsync'ed, then ``progress.json`` is replaced atomically (``state.write_atomic``)
 - so after a kill, a power cut, a broker restart or a lost link the next ``fetch`` asks for
 the byte after the last verified one, never for offset 0 again. A download is finished
 when the whole file's sha256 and size equal what was asked for; the file then moves to
-``<staging>/<sha256>/blob``.
+``<staging>/<sha256>/blob``. However it ends, the fetch unsubscribes and tells the
+controller (``TransferDone``), which frees its transfer slot.
 
-Answers: ``busy`` -> ask that chunk again after ``retry_after_ms``; ``not_found`` /
-``bad_range`` -> permanent; no answer within ``timeout_s`` -> ask again (attempts are
-counted only while connected, so a broker outage does not use them up). The reply
-handler runs on paho's network thread and only queues the frame; checking, hashing and
-writing happen on the caller's thread (the reconcile worker). Knows no model, no manifest::
+Answers to this agent's own requests: ``busy`` -> stop listening and asking for
+``retry_after_ms``, then subscribe again and go on; ``not_found`` / ``bad_range`` ->
+permanent; no answer within ``timeout_s`` -> ask again (attempts are counted only while
+connected, so a broker outage does not use them up). The reply handler runs on paho's
+network thread and only queues the frame; checking, hashing and writing happen on the
+caller's thread (the reconcile worker). Knows no model, no manifest::
 
     DownloadError                  the blob was not fetched; the verified prefix is kept
     ├── PermanentDownloadError     the same request cannot succeed
@@ -41,13 +51,20 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from edge_agent.clock import Clock
 from edge_agent.state import StateError, write_atomic
 from protocol.codec import DecodeError, encode
 from protocol.mqtt import BrokerClient, InboundMessage, MqttError
 from protocol.topics import QoS, Topics
-from protocol.transfer import ChunkRequest, ChunkResponse, ChunkStatus, decode_chunk
+from protocol.transfer import (
+    ChunkRequest,
+    ChunkResponse,
+    ChunkStatus,
+    TransferDone,
+    decode_chunk,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +75,12 @@ _HEADER_ALLOWANCE = 20 * 1024
 """Frame bytes beyond the chunk itself: length prefix + JSON header."""
 _POLL_S = 0.2
 """Longest wait between checks of the cancel flag."""
+
+class PullClient(BrokerClient, Protocol):
+    """A broker client that can also stop listening (``protocol.mqtt.MqttClient``)."""
+
+    def unsubscribe(self, topic_filter: str) -> None: ...
+
 
 Progress = Callable[[int, int], None]
 """``progress(verified_bytes, total_bytes)``; called on the fetching thread."""
@@ -118,6 +141,20 @@ class _Pending:
     correlation: bytes
     sent_at: float
     attempts: int = 1
+    """Requests for this chunk that count against ``PullSettings.attempts``."""
+    sends: int = 1
+    """Requests for this chunk sent in this fetch (``ChunkRequest.attempt``)."""
+
+
+@dataclass
+class _Listening:
+    """The artifact topic subscription of one fetch."""
+
+    topic: str
+    listener: str = ""
+    subscribed: bool = False
+    paused_until: float | None = None
+    """Set after a ``busy``: not listening nor asking until then."""
 
 
 class ChunkPuller:
@@ -126,7 +163,7 @@ class ChunkPuller:
     def __init__(
         self,
         *,
-        client: BrokerClient,
+        client: PullClient,
         device_id: str,
         topics: Topics,
         staging_root: Path,
@@ -137,7 +174,6 @@ class ChunkPuller:
         self._client = client
         self._device_id = device_id
         self._topics = topics
-        self._reply_topic = topics.chunk_replies(device_id)
         self.staging_root = staging_root
         self._settings = settings
         self._clock = clock
@@ -149,12 +185,14 @@ class ChunkPuller:
         self.requests_sent = 0
         self.chunks_verified = 0
         self.chunks_rejected = 0
+        self.chunks_unasked = 0
+        """Verified chunks taken from the broadcast without a request of this agent's."""
         self.busy_answers = 0
         self.retries = 0
 
     def attach(self) -> None:
-        """Subscribe to the chunk reply topic (again after every CONNACK)."""
-        self._client.subscribe(self._reply_topic, self._on_answer, qos=QoS.AT_LEAST_ONCE)
+        """Nothing to subscribe up front: each fetch listens on its artifact's topic only
+        while it runs (the client subscribes again after every CONNACK meanwhile)."""
 
     def _on_answer(self, message: InboundMessage) -> None:
         """Network thread: queue only; the fetching thread checks and writes."""
@@ -166,6 +204,7 @@ class ChunkPuller:
                 "chunk_requests": self.requests_sent,
                 "chunks_verified": self.chunks_verified,
                 "chunks_rejected": self.chunks_rejected,
+                "chunks_unasked": self.chunks_unasked,
                 "chunk_busy": self.busy_answers,
                 "chunk_retries": self.retries,
             }
@@ -258,60 +297,121 @@ class ChunkPuller:
         progress: Progress | None,
         cancel: threading.Event,
     ) -> int:
-        settings = self._settings
-        pending: dict[bytes, _Pending] = {}
-        delayed: list[tuple[float, int, int]] = []  # (send at, offset, attempts): busy answers
-        done: dict[int, int] = {}  # offset -> length, verified chunks beyond ``verified``
-        next_offset = verified
+        listening = _Listening(self._topics.artifact_chunks(sha256))
         self._drain()
+        try:
+            return self._pull_listening(
+                fd, folder, sha256, verified, size, progress, cancel, listening
+            )
+        finally:
+            if listening.subscribed:
+                self._client.unsubscribe(listening.topic)
+            if listening.listener:  # it asked: free its transfer slot at once
+                self._tell_done(sha256)
+
+    def _pull_listening(
+        self,
+        fd: int,
+        folder: Path,
+        sha256: str,
+        verified: int,
+        size: int | None,
+        progress: Progress | None,
+        cancel: threading.Event,
+        listening: _Listening,
+    ) -> int:
+        settings = self._settings
+        step = settings.chunk_bytes
+        base = verified  # the grid of chunk offsets: base + i * chunk_bytes
+        pending: dict[bytes, _Pending] = {}
+        asked: dict[int, bytes] = {}  # offset -> correlation of its pending request
+        sends: dict[int, int] = {}  # offset -> requests sent for it in this fetch
+        done: dict[int, int] = {}  # offset -> length, verified chunks beyond ``verified``
+        cursor = verified  # every grid offset below it is verified, done or pending
+        was_connected = self._connected()
         if progress is not None and size is not None:
             progress(verified, size)
         while size is None or verified < size:
             if cancel.is_set():
                 raise DownloadCancelled(f"download of {sha256[:12]}… cancelled at {verified}")
             now = self._clock.monotonic()
-            for item in [d for d in delayed if d[0] <= now]:
-                delayed.remove(item)
-                self._send(pending, sha256, item[1], item[2], now)
-            limit = 1 if size is None else settings.window
-            while (
-                len(pending) + len(delayed) < limit
-                and (size is None or next_offset < size)
-                and not (size is None and (pending or delayed))
-            ):
-                self._send(pending, sha256, next_offset, 1, now)
-                next_offset += settings.chunk_bytes
-            self._resend_overdue(pending, sha256, now)
+            connected = self._connected()
+            if connected and not was_connected:
+                listening.listener = uuid.uuid4().hex  # the broker may have lost the session
+            was_connected = connected
+            if listening.paused_until is not None and now >= listening.paused_until:
+                listening.paused_until = None
+                cursor = verified
+            if listening.paused_until is None:
+                if not listening.subscribed:
+                    self._listen(listening)
+                limit = 1 if size is None else settings.window
+                cursor = max(cursor, verified)
+                while len(pending) < limit and not (size is None and pending):
+                    while cursor in done or cursor in asked:
+                        cursor += step
+                    if size is not None and cursor >= size:
+                        break
+                    sends[cursor] = sends.get(cursor, 0) + 1
+                    self._send(pending, asked, sha256, listening, cursor, 1, sends[cursor], now)
+                    cursor += step
+                self._resend_overdue(pending, asked, sends, sha256, listening, now)
             try:
                 message = self._answers.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
-            asked = pending.get(message.correlation_data or b"")
-            if asked is None:
-                continue  # late or duplicate answer
+            mine = pending.get(message.correlation_data or b"")
             try:
                 header, data = decode_chunk(message.payload, max_bytes=self._max_frame)
             except DecodeError as exc:
                 with self._lock:
                     self.chunks_rejected += 1
-                logger.warning("chunk refused: %s", exc, extra={"offset": asked.offset})
-                del pending[asked.correlation]
-                self._send(pending, sha256, asked.offset, asked.attempts + 1, now)
-                continue
-            del pending[asked.correlation]
-            if header.status is ChunkStatus.BUSY:
-                with self._lock:
-                    self.busy_answers += 1
-                wait_s = (header.retry_after_ms or 1000) / 1000.0
-                delayed.append((now + wait_s, asked.offset, asked.attempts))
+                logger.warning("chunk refused: %s", exc, extra={"sha256": sha256})
+                if mine is not None:
+                    self._forget(pending, asked, mine)
+                    sends[mine.offset] = sends.get(mine.offset, 0) + 1
+                    self._send(
+                        pending,
+                        asked,
+                        sha256,
+                        listening,
+                        mine.offset,
+                        mine.attempts + 1,
+                        sends[mine.offset],
+                        now,
+                    )
                 continue
             if header.status is not ChunkStatus.OK:
+                if mine is None:
+                    continue  # another device's refusal, or an answer given up on
+                if header.status is ChunkStatus.BUSY:
+                    with self._lock:
+                        self.busy_answers += 1
+                    wait_s = (header.retry_after_ms or 1000) / 1000.0
+                    self._pause(listening, pending, asked, now + wait_s)
+                    continue
                 raise ArtifactUnavailable(
                     f"{sha256[:12]}… {header.status.value}: {header.detail or 'no detail'}"
                 )
-            size = self._check_chunk(header, data, asked, sha256, size)
-            self._write(fd, asked.offset, data)
-            done[asked.offset] = len(data)
+            if mine is None and header.artifact_sha256 == sha256:
+                # An answer to the same question, asked by another device too.
+                mine = pending.get(asked.get(header.offset, b""))
+            if mine is not None:
+                size = self._check_chunk(header, data, mine, sha256, size)
+                self._forget(pending, asked, mine)
+            elif self._fits(header, data, sha256, size, base, verified, done):
+                with self._lock:
+                    self.chunks_unasked += 1
+            else:
+                continue
+            assert size is not None
+            if header.offset < verified or header.offset in done:
+                continue  # a duplicate
+            self._write(fd, header.offset, data)
+            done[header.offset] = len(data)
+            stale = asked.get(header.offset)
+            if stale is not None:
+                self._forget(pending, asked, pending[stale])
             advanced = verified
             while advanced in done:
                 advanced += done.pop(advanced)
@@ -321,6 +421,30 @@ class ChunkPuller:
                 if progress is not None:
                     progress(verified, size)
         return size
+
+    def _fits(
+        self,
+        header: ChunkResponse,
+        data: bytes,
+        sha256: str,
+        size: int | None,
+        base: int,
+        verified: int,
+        done: dict[int, int],
+    ) -> bool:
+        """A chunk nobody here asked for: useful only if it is exactly one this fetch
+        would ask for (its own sha256 was checked by ``decode_chunk``)."""
+        step = self._settings.chunk_bytes
+        offset = header.offset
+        return (
+            size is not None
+            and header.artifact_sha256 == sha256
+            and header.total_bytes == size
+            and verified <= offset < size
+            and (offset - base) % step == 0
+            and offset not in done
+            and len(data) == min(step, size - offset)
+        )
 
     def _check_chunk(
         self, header: ChunkResponse, data: bytes, asked: _Pending, sha256: str, size: int | None
@@ -344,8 +468,44 @@ class ChunkPuller:
             self.chunks_verified += 1
         return total
 
+    def _listen(self, listening: _Listening) -> None:
+        """Subscribe before asking: the broker takes a client's packets in order, so the
+        subscription is in place before the controller sees the next request."""
+        listening.listener = uuid.uuid4().hex
+        self._client.subscribe(listening.topic, self._on_answer, qos=QoS.AT_LEAST_ONCE)
+        listening.subscribed = True
+
+    def _pause(
+        self,
+        listening: _Listening,
+        pending: dict[bytes, _Pending],
+        asked: dict[int, bytes],
+        until: float,
+    ) -> None:
+        """``busy``: stop listening (the bound is on devices receiving) and asking."""
+        pending.clear()
+        asked.clear()
+        listening.paused_until = until
+        if listening.subscribed:
+            self._client.unsubscribe(listening.topic)
+            listening.subscribed = False
+
+    @staticmethod
+    def _forget(pending: dict[bytes, _Pending], asked: dict[int, bytes], item: _Pending) -> None:
+        pending.pop(item.correlation, None)
+        if asked.get(item.offset) == item.correlation:
+            del asked[item.offset]
+
     def _send(
-        self, pending: dict[bytes, _Pending], sha256: str, offset: int, attempts: int, now: float
+        self,
+        pending: dict[bytes, _Pending],
+        asked: dict[int, bytes],
+        sha256: str,
+        listening: _Listening,
+        offset: int,
+        attempts: int,
+        sends: int,
+        now: float,
     ) -> None:
         correlation = uuid.uuid4().bytes
         request = ChunkRequest(
@@ -354,16 +514,18 @@ class ChunkPuller:
             artifact_sha256=sha256,
             offset=offset,
             length=self._settings.chunk_bytes,
+            listener=listening.listener,
+            attempt=sends,
         )
-        pending[correlation] = _Pending(
-            offset, self._settings.chunk_bytes, correlation, now, attempts
-        )
+        item = _Pending(offset, self._settings.chunk_bytes, correlation, now, attempts, sends)
+        pending[correlation] = item
+        asked[offset] = correlation
         try:
             self._client.publish(
                 self._topics.model_chunks(),
                 encode(request),
                 qos=QoS.AT_LEAST_ONCE,
-                response_topic=self._reply_topic,
+                response_topic=listening.topic,
                 correlation_data=correlation,
             )
         except MqttError as exc:  # QoS 1 is kept while disconnected: this is a refusal
@@ -371,11 +533,19 @@ class ChunkPuller:
         with self._lock:
             self.requests_sent += 1
 
-    def _resend_overdue(self, pending: dict[bytes, _Pending], sha256: str, now: float) -> None:
+    def _resend_overdue(
+        self,
+        pending: dict[bytes, _Pending],
+        asked: dict[int, bytes],
+        sends: dict[int, int],
+        sha256: str,
+        listening: _Listening,
+        now: float,
+    ) -> None:
         settings = self._settings
         connected = self._connected()
         for item in [p for p in pending.values() if now - p.sent_at >= settings.timeout_s]:
-            del pending[item.correlation]
+            self._forget(pending, asked, item)
             attempts = item.attempts + 1 if connected else item.attempts
             if attempts > settings.attempts:
                 raise TransferTimeout(
@@ -384,7 +554,19 @@ class ChunkPuller:
                 )
             with self._lock:
                 self.retries += 1
-            self._send(pending, sha256, item.offset, attempts, now)
+            sends[item.offset] = sends.get(item.offset, 0) + 1
+            self._send(
+                pending, asked, sha256, listening, item.offset, attempts, sends[item.offset], now
+            )
+
+    def _tell_done(self, sha256: str) -> None:
+        done = TransferDone(
+            device_id=self._device_id, sent_at=self._clock.now(), artifact_sha256=sha256
+        )
+        try:
+            self._client.publish(self._topics.model_chunks(), encode(done), qos=QoS.AT_LEAST_ONCE)
+        except MqttError as exc:
+            logger.info("transfer end not sent: %s", exc, extra={"sha256": sha256})
 
     def _drain(self) -> None:
         while True:

@@ -14,7 +14,10 @@ the MQTT network thread)::
     active       ``ModelSlots.activate`` (atomic swap, previous kept loaded), then the
                  release counter and the active/previous records are persisted (fsync)
 
-Every step is visible in the reported policy's ``model`` section (``ModelStatus``), with
+An assignment of the *previous* model (still loaded; a rollout's rollback) is the instant
+revert: signature and digests are checked, the release counter is not (it was installed
+legitimately before the newer one). Every step is visible in the reported policy's
+``model`` section (``ModelStatus``), with
 download progress reported at most every ``model_progress_interval_s`` or 10 %. Any failure
 leaves the active model untouched, is reported ``failed`` with a typed reason, logged at
 error as an alert and counted (``alerts``). ``revert()`` serves the previous model again.
@@ -275,6 +278,17 @@ class ModelInstaller:
 
     def _install(self, assignment: ModelAssignment, subject: ModelStatus) -> LoadedVariant | None:
         keys = self._trusted_keys()
+        previous = self._slots.previous
+        if (
+            previous is not None
+            and previous.sha256 == assignment.artifact_sha256
+            and not self.is_active(assignment)
+        ):
+            # Assigned the previous model again (a rollout's rollback): it was verified when
+            # it was installed and is still loaded, so this is the instant revert; its older
+            # release is not a replay. The signature and digests are still checked.
+            self._precheck(assignment, keys, replay_check=False)
+            return self._revert_locked()
         manifest = self._precheck(assignment, keys)
         active = self._slots.active
         if self.is_active(assignment):
@@ -333,12 +347,15 @@ class ModelInstaller:
         )
         return new
 
-    def _precheck(self, assignment: ModelAssignment, keys: Keyring) -> Manifest:
+    def _precheck(
+        self, assignment: ModelAssignment, keys: Keyring, *, replay_check: bool = True
+    ) -> Manifest:
         """Refuse before downloading anything: signature, expiry, rollback, digests named."""
         signed = parse_signed(json.dumps(assignment.manifest))
         manifest = verify(signed, trusted_keys=keys, now=self._clock.now())
-        minimum = self._ledger.min_release(release_key(manifest))
-        verify(signed, trusted_keys=keys, now=self._clock.now(), min_release=minimum)
+        if replay_check:
+            minimum = self._ledger.min_release(release_key(manifest))
+            verify(signed, trusted_keys=keys, now=self._clock.now(), min_release=minimum)
         if (
             manifest.sha256 != assignment.artifact_sha256
             or manifest.size_bytes != assignment.size_bytes
@@ -386,17 +403,22 @@ class ModelInstaller:
     def revert(self) -> LoadedVariant:
         """Serve the previous model again (it is loaded: no download, no load)."""
         with self._install_lock:
-            try:
-                back = self._slots.revert()
-            except NothingToRevert as exc:
-                raise PermanentInstallError("nothing_to_revert", str(exc)) from exc
-            if back.record is not None:
-                self._ledger.swap_back()
-            with self._lock:
-                self._counts["reverts"] += 1
+            back = self._revert_locked()
             self._set(self._active_status())
-            logger.info("model reverted", extra={"variant": back.model.variant})
             return back
+
+    def _revert_locked(self) -> LoadedVariant:
+        try:
+            back = self._slots.revert()
+        except NothingToRevert as exc:
+            raise PermanentInstallError("nothing_to_revert", str(exc)) from exc
+        if back.record is not None:
+            self._ledger.swap_back()
+        with self._lock:
+            self._counts["reverts"] += 1
+        self._set(self._active_status(), report=False)
+        logger.info("model reverted", extra={"variant": back.model.variant})
+        return back
 
     # -- start-up --------------------------------------------------------------------------
 

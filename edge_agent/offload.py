@@ -51,7 +51,8 @@ class CloudView:
 
 @dataclass(frozen=True)
 class OffloadPolicy:
-    """The overflow policy's values (defaults until the REST-managed policy lands)."""
+    """The overflow policy's values: from ``EdgeSettings`` at start, then from the
+    operating policy the controller pushes (``edge_agent.operating``)."""
 
     enabled: bool = True
     slo_ms: float = 250.0
@@ -146,10 +147,13 @@ def policy_pick(request_id: str, fraction: float) -> bool:
 class TokenBucket:
     """``rate_per_s`` tokens a second, at most ``burst`` saved up; time is passed in."""
 
-    def __init__(self, *, rate_per_s: float, burst: int, now: float) -> None:
+    def __init__(
+        self, *, rate_per_s: float, burst: int, now: float, tokens: float | None = None
+    ) -> None:
+        """``tokens``: saved up at ``now`` (None: a full bucket)."""
         self.rate_per_s = rate_per_s
         self.burst = float(burst)
-        self._tokens = float(burst)
+        self._tokens = float(burst) if tokens is None else min(float(burst), tokens)
         self._at = now
 
     def level(self, now: float) -> float:
@@ -213,6 +217,16 @@ class OffloadController:
             elif route.why is not None:
                 self.kept_local[route.why] += 1
             return decision
+
+    def set_policy(self, policy: OffloadPolicy, *, now: float) -> None:
+        """Use ``policy`` from the next decision on; the bucket keeps its saved tokens
+        (capped at the new burst) and the hysteresis state is kept."""
+        with self._lock:
+            level = self._bucket.level(now)
+            self.policy = policy
+            self._bucket = TokenBucket(
+                rate_per_s=policy.rate_per_s, burst=policy.burst, now=now, tokens=level
+            )
 
     def fell_back_local(self, why: str) -> None:
         with self._lock:

@@ -96,6 +96,15 @@ class Outbox:
         # Payload bytes held, kept in step with every insert and delete (under ``_lock``)
         # so an append costs O(1), not a scan of the table per record.
         self._used_bytes = self._sum_bytes()
+        # A lower bound on the oldest record's ``created_at`` (None: empty), so an append
+        # only runs the expiry DELETE when something may really be due. Inserts lower it;
+        # acks and drops may leave it too low, which costs one DELETE that finds nothing
+        # and refreshes it - never a missed expiry.
+        self._oldest_at = self._min_created_at()
+
+    def _min_created_at(self) -> float | None:
+        (oldest,) = self._db.execute("SELECT MIN(created_at) FROM outbox").fetchone()
+        return None if oldest is None else float(oldest)
 
     def _sum_bytes(self) -> int:
         (used,) = self._db.execute(
@@ -140,10 +149,11 @@ class Outbox:
         payload can carry its own key. All or none are committed; on ``OutboxFull`` none is.
         """
         with self._lock:
-            used_before = self._used_bytes
+            used_before, oldest_before = self._used_bytes, self._oldest_at
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._expire(now)
+                if self._oldest_at is not None and self._oldest_at < now - self._limits.max_age_s:
+                    self._expire(now)
                 records: list[Record] = []
                 seq = self._next_seq
                 for make in payloads:
@@ -156,10 +166,13 @@ class Outbox:
                     )
                     self._used_bytes += len(payload)
                     seq += 1
+                if records:
+                    oldest = self._oldest_at
+                    self._oldest_at = now if oldest is None else min(oldest, now)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
-                self._used_bytes = used_before
+                self._used_bytes, self._oldest_at = used_before, oldest_before
                 raise
             self._next_seq = seq
             return records
@@ -207,6 +220,7 @@ class Outbox:
             (now - self._limits.max_age_s,),
         ).fetchall()
         self._used_bytes -= sum(int(size) for (size,) in rows)
+        self._oldest_at = self._min_created_at()
         self._count_dropped(len(rows), "max_age_s")
 
     def _make_room(self, incoming: int) -> None:

@@ -35,6 +35,10 @@ class PeriodicTask:
         """Completed calls of ``job`` (including ones that raised)."""
         self.errors = 0
 
+    @property
+    def interval_s(self) -> float:
+        return self._interval_s
+
     def start(self) -> None:
         if self._thread is not None:
             return

@@ -10,6 +10,11 @@ Rules, in the order the worker follows them:
 * A payload that does not decode (garbage, oversized, unsupported ``schema_version``)
   or that names another device is logged and counted through ``RejectCounter`` under
   channel ``desired`` and dropped; it never reaches ``decide`` and never crashes.
+* A payload whose signature does not verify (``verify``: unsigned, unknown key, altered,
+  no key configured) is dropped the same way, before its generation is looked at, so a
+  forged message can neither apply a policy nor move the generation. It is also
+  recorded (``rejected``) and the current state is re-reported with a
+  ``desired_rejected`` section, so the controller sees the attempt.
 * A generation newer than the applied one is applied: the ``PolicyApplier`` checks and
   prepares the policy, the new state is written to ``state_dir`` (atomic + fsync) and
   only then is ``ReportedState`` published (QoS 1). The state write is the commit point:
@@ -39,12 +44,18 @@ from edge_agent.state import AppliedState, FailedApply, StateError, StateStore
 from protocol.codec import DEFAULT_MAX_BYTES, DecodeError, RejectCounter, decode, encode
 from protocol.messages import ApplyOutcome, DesiredState, ReportedState
 from protocol.mqtt import BrokerClient, InboundMessage, MqttError
+from protocol.signing import SignatureError
 from protocol.topics import DeviceChannel, Topics
 
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
 """``ReportedState.error`` is capped at this length by the wire contract."""
+REJECTED_KEY = "desired_rejected"
+"""Reported-policy section describing desired state dropped for its signature."""
+
+Verify = Callable[[DesiredState], None]
+"""Raises ``protocol.signing.SignatureError`` for a message the agent must not act on."""
 
 
 # -- the pure decision --------------------------------------------------------------
@@ -126,6 +137,7 @@ class JsonPolicyApplier:
 # -- the loop ----------------------------------------------------------------------
 
 _REPORT = object()
+_PROGRESS = object()
 _STOP = object()
 
 
@@ -148,10 +160,14 @@ class Reconciler:
         max_bytes: int = DEFAULT_MAX_BYTES,
         on_applied: Callable[[int], None] | None = None,
         report_policy: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        verify: Verify | None = None,
     ) -> None:
         """``report_policy`` turns the applied policy into the reported one (the model
-        installer puts its status there)."""
+        installer puts its status there); ``verify`` checks signatures (None: none are
+        checked - the agent always passes one)."""
         self._device_id = device_id
+        self._verify = verify
+        self._rejected: dict[str, Any] | None = None
         self._report_policy = report_policy
         self._reported_topic = topics.device(device_id, DeviceChannel.REPORTED)
         self._store = store
@@ -172,6 +188,7 @@ class Reconciler:
             "stale": 0,
             "reports_sent": 0,
             "report_errors": 0,
+            "signature_rejected": 0,
         }
         self._queue: queue.Queue[object] = queue.Queue()
         self._stopping = threading.Event()
@@ -228,7 +245,31 @@ class Reconciler:
                 topic=msg.topic,
             )
             return
+        if self._verify is not None:
+            try:
+                self._verify(desired)
+            except SignatureError as exc:
+                self._signature_rejected(desired, exc, msg.topic)
+                return
         self._queue.put(desired)
+
+    def _signature_rejected(self, desired: DesiredState, exc: SignatureError, topic: str) -> None:
+        self._rejects.reject(self.CHANNEL, exc.reason, str(exc), topic=topic)
+        logger.warning(
+            "desired state rejected: %s",
+            exc,
+            extra={"generation": desired.generation, "reason": exc.reason},
+        )
+        with self._lock:
+            self._counts["signature_rejected"] += 1
+            self._rejected = {
+                "count": self._counts["signature_rejected"],
+                "generation": desired.generation,
+                "reason": exc.reason,
+                "error": str(exc)[:MAX_ERROR_CHARS],
+                "at": self._clock.now().isoformat(),
+            }
+        self._queue.put(_PROGRESS)
 
     def request_report(self) -> None:
         """Queue a re-report of the current state (after every connect)."""
@@ -244,6 +285,8 @@ class Reconciler:
             try:
                 if item is _REPORT:
                     self.report_current()
+                elif item is _PROGRESS:
+                    self.report_progress()
                 elif isinstance(item, DesiredState):
                     self.handle(item)
             except Exception:
@@ -333,6 +376,10 @@ class Reconciler:
     ) -> None:
         if self._report_policy is not None:
             policy = self._report_policy(policy)
+        with self._lock:
+            rejected = self._rejected
+        if rejected is not None:
+            policy = {**policy, REJECTED_KEY: rejected}
         message = ReportedState(
             device_id=self._device_id,
             sent_at=self._clock.now(),

@@ -5,12 +5,15 @@ goes through::
 
     route (offload.decide) --Offload--> cloud pool --fails--> (local)
           |                               \\--ok--> ResultWriter.commit --> answer
-          \\--Local--> DynamicBatcher --> model thread --records--> commit thread
-                                          (next batch)          (outbox, fsync) --> answer
+          \\--Local--> DynamicBatcher --> model thread --records--> commit thread (queue busy)
+                                                 |  (next batch)       (outbox, fsync) --> answer
+                                                 \\--(queue idle) outbox, fsync ------------> answer
 
-The model thread hands each batch's records straight to the writer's commit thread and
-goes on with the next batch, so compute and fsync overlap; an answer still waits for its
-own record to be durable.
+When more work is queued, the model thread hands each batch's records straight to the
+writer's commit thread and goes on with the next batch, so compute and fsync overlap.
+When nothing else is waiting, it commits the batch itself: a lone request's answer then
+crosses threads twice (loop -> model thread -> loop), its rows and its outbox seq
+together. Either way an answer waits for its own record to be durable.
 
 It never raises for one request's trouble: the outcome carries ``overloaded``,
 ``deadline_exceeded``, ``invalid`` or ``error`` with a detail. It runs on one asyncio loop
@@ -41,7 +44,7 @@ from edge_agent.metrics import ServingMetrics
 from edge_agent.offload import Offload, OffloadController, OffloadPolicy
 from edge_agent.outbox import OutboxError
 from edge_agent.padding import PaddedEmbedder
-from edge_agent.results import Done, ResultWriter, answer_on
+from edge_agent.results import Done, ResultWriter, Stored, answer_on
 from edge_agent.settings import EdgeSettings
 from protocol.inference import (
     MAX_TEXT_CHARS,
@@ -162,7 +165,9 @@ class _Ticket:
     submitted: float
     """Queued in the batcher."""
     done: Done
-    """Settles the caller's commit future once the record is durable."""
+    """Settles the caller's commit future once the record is durable (commit thread)."""
+    stored: Stored | None = None
+    """Set by the model thread before the batch returns when it committed the record itself."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,8 @@ class ServingRuntime:
         self._cloud_timeout_s = settings.cloud_timeout_ms / 1000.0
         metrics.variant.info({"variant": model.variant, "device": model.device})
         metrics.on_scrape(self.refresh_gauges)
+        self.on_served: list[Callable[[EmbedRequest, EmbedOutcome], None]] = []
+        """Called on the loop with each answered request (``quality``); must not wait."""
 
     # -- lifecycle (on the loop) -----------------------------------------------------------
 
@@ -279,6 +286,15 @@ class ServingRuntime:
     def batch_limit(self) -> int:
         return self._batcher.limit.limit
 
+    @property
+    def batcher_settings(self) -> BatcherSettings:
+        return self._batcher.settings
+
+    async def set_policy(self, batching: BatcherSettings, offload: OffloadPolicy) -> None:
+        """Take new batching and offload values (on the loop, between batches)."""
+        self._batcher.reconfigure(batching)
+        self.offload.set_policy(offload, now=self._clock.monotonic())
+
     def refresh_gauges(self) -> None:
         self.metrics.queue_items.set(self.queued_items)
         self.metrics.batch_limit.set(self.batch_limit)
@@ -290,6 +306,7 @@ class ServingRuntime:
         out: dict[str, float] = {
             "queue_items": float(self.queued_items),
             "batch_limit": float(self.batch_limit),
+            "max_batch_size": float(self._batcher.settings.max_batch_size),
             "service_ms_per_item": self.service_time.ms_per_item,
             "offload_ratio": sum(offloads.values()) / decisions if decisions else 0.0,
             "overflowing": 1.0 if self.offload.overflowing else 0.0,
@@ -318,6 +335,8 @@ class ServingRuntime:
         self.metrics.observe_request(
             status=outcome.status.value, tier=outcome.tier.value, latency_s=latency_ms / 1000.0
         )
+        for hook in self.on_served:
+            hook(request, outcome)
         return outcome
 
     async def _route(self, request: EmbedRequest, started: float) -> EmbedOutcome:
@@ -373,8 +392,11 @@ class ServingRuntime:
         except BatchingError as exc:
             return EmbedOutcome(rid, InferStatus.ERROR, Tier.EDGE, detail=str(exc))
         total_ms = (self._clock.monotonic() - submitted) * 1000.0
+        stored = ticket.stored  # committed on the model thread: no second wake-up
         try:
-            seq = await committed
+            seq = await committed if stored is None else stored
+            if isinstance(seq, OutboxError):
+                raise seq
         except OutboxError as exc:
             logger.error("result %s not stored: %s", rid, exc)
             return EmbedOutcome(
@@ -481,10 +503,12 @@ class ServingRuntime:
         return previous
 
     def _run_batch(self, items: list[_Text]) -> Rows:
-        """Compute one batch, hand its records to the commit thread, return its rows.
+        """Compute one batch, get its records committed, return its rows.
 
-        The commit runs while this thread starts the next batch; each caller is answered
-        only once its own record is durable.
+        With more requests queued, the records go to the commit thread, which commits them
+        while this thread starts the next batch. With none, this thread commits them
+        itself before returning (nothing is waiting for it) and leaves each ticket its
+        seq. Either way a caller is answered only once its own record is durable.
         """
         started = self._clock.monotonic()
         model = self.model  # read once: a swap during this batch does not touch it
@@ -497,7 +521,7 @@ class ServingRuntime:
             raise BatchShapeError(f"model returned {rows.shape[0]} rows for {len(items)} texts")
         served_at = self._clock.now()
         records: list[ResultRecord] = []
-        done: list[Done] = []
+        tickets: list[_Ticket] = []
         start = 0
         while start < len(items):  # a request's texts are contiguous in the batch
             ticket = items[start].ticket
@@ -518,7 +542,11 @@ class ServingRuntime:
                     embeddings=EmbeddingBlock.from_array(rows[start:end]),
                 )
             )
-            done.append(ticket.done)
+            tickets.append(ticket)
             start = end
-        self._writer.submit(records, done)
+        if self._batcher.queued_items:  # read across threads: a hint, either way is correct
+            self._writer.submit(records, [t.done for t in tickets])
+        else:
+            for ticket, stored in zip(tickets, self._writer.write(records), strict=True):
+                ticket.stored = stored
         return rows

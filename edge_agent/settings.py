@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_agent.outbox import FullPolicy
@@ -56,6 +56,13 @@ class EdgeSettings(BaseSettings):
     """This device's client certificate (CN = device id); None = no client certificate."""
     mqtt_tls_key_file: Path | None = None
     """Private key of ``mqtt_tls_cert_file``."""
+    mqtt_username: str | None = Field(default=None, min_length=1)
+    """Username for password authentication; None with ``mqtt_password`` set: the device
+    id (the broker's ACL expects username = device id)."""
+    mqtt_password: SecretStr | None = None
+    """This device's password (``spillway certs mqtt-user <device-id>``), from the
+    environment (``SPILLWAY_EDGE_MQTT_PASSWORD``); None: no password (anonymous, or the
+    client certificate names the device). Never logged."""
     keepalive_s: int = Field(default=10, ge=1, le=65535)
     """MQTT keepalive in seconds; the broker sends the Last Will after 1.5x this of silence."""
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
@@ -86,6 +93,15 @@ class EdgeSettings(BaseSettings):
     trusted_key_file: Path | None = None
     """PEM Ed25519 public key that manifests must be signed with. None: the dev build layout,
     ``<model_dir>/keys/signing.key.pub``."""
+    desired_key_files: tuple[Path, ...] = ()
+    """PEM Ed25519 public keys desired state must be signed with: the controller's
+    (``<desired_signing_key_path or signing_key_path>.pub``), several during a key rotation;
+    read at each message. Empty: ``trusted_key_file`` when set (the controller that signs
+    manifests signs desired state with the same key by default)."""
+    allow_unsigned_desired: bool = False
+    """Development only: apply desired state without checking its signature. Off (the
+    default): unsigned, unknown-key, other-device or altered desired state is rejected,
+    counted and reported; with no desired key at all every desired state is rejected."""
     intra_op_threads: int = Field(default=0, ge=0, le=256)
     """ONNX Runtime intra-op threads; 0 lets ORT pick (one per physical core)."""
     http_host: str = "127.0.0.1"
@@ -191,6 +207,12 @@ class EdgeSettings(BaseSettings):
             raise ValueError("no model_dir and no trusted_key_file")
         return self.model_dir / DEV_PUBLIC_KEY
 
+    def desired_keys(self) -> tuple[Path, ...]:
+        """The key files desired-state signatures are checked against."""
+        if self.desired_key_files:
+            return self.desired_key_files
+        return () if self.trusted_key_file is None else (self.trusted_key_file,)
+
     @field_validator("device_id")
     @classmethod
     def _device_id_fits_topic(cls, value: str) -> str:
@@ -223,6 +245,8 @@ class EdgeSettings(BaseSettings):
             tls_ca_file=_str_or_none(self.mqtt_tls_ca_file),
             tls_cert_file=_str_or_none(self.mqtt_tls_cert_file),
             tls_key_file=_str_or_none(self.mqtt_tls_key_file),
+            username=self.mqtt_username or (self.device_id if self.mqtt_password else None),
+            password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
         )
 
 

@@ -21,6 +21,7 @@ from edge_agent.ingress_mqtt import MqttIngress
 from edge_agent.metrics import ServingMetrics
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.probe import LoadSampler
+from edge_agent.quality import QualityProber
 from edge_agent.results import ResultWriter
 from edge_agent.serving import ServingModel, ServingRuntime, load_serving_model
 from edge_agent.settings import EdgeSettings
@@ -113,6 +114,10 @@ class ServingStack:
             clock=clock,
             host_load=self._host_load,
         )
+        self.quality = QualityProber(
+            cloud=cloud, device_id=device_id, clock=clock, model=lambda: runtime.model
+        )
+        runtime.on_served.append(self.quality.on_served)
         loop = LoopThread()
         mqtt_ingress = None
         if settings.mqtt_ingress:
@@ -227,6 +232,7 @@ class ServingStack:
         sample = self._sampler.sample()
         return {
             **p.runtime.telemetry(),
+            **self.quality.telemetry(),
             "outbox_records": float(records),
             "outbox_bytes": float(size),
             "outbox_dropped_total": float(p.outbox.dropped),

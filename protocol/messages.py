@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.policy import POLICY_KEY
+
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
@@ -113,11 +115,20 @@ MODEL_POLICY_KEY = "model"
 
 
 class DesiredState(Envelope):
-    """What the cloud wants a device to run. Generations only ever grow."""
+    """What the cloud wants a device to run. Generations only ever grow.
+
+    ``key_id`` and ``signature`` are the controller's Ed25519 signature over
+    (``device_id``, ``generation``, ``policy``) (``protocol.signing``); an agent that
+    requires signatures drops a message without them.
+    """
 
     kind: Literal["desired"] = "desired"
     generation: int = Field(ge=1)
     policy: dict[str, Any] = Field(default_factory=dict)
+    key_id: str | None = Field(default=None, max_length=64)
+    """Id of the signing key (sha256 of the raw public key, first 16 hex digits)."""
+    signature: str | None = Field(default=None, max_length=256)
+    """Base64 Ed25519 signature of ``protocol.signing.signed_bytes``."""
 
 
 class ApplyOutcome(StrEnum):
@@ -134,3 +145,60 @@ class ReportedState(Envelope):
     policy: dict[str, Any] = Field(default_factory=dict)
     error: str | None = Field(default=None, max_length=2000)
     boot_epoch: int = Field(ge=0)
+
+
+# -- quality probe ------------------------------------------------------------------------
+
+QUALITY_SAMPLE_SHARE_KEY = "quality_sample_share"
+"""Top-level policy key of the quality probe's share (``QualityProbe``)."""
+
+
+class QualityProbe(BaseModel):
+    """How much locally served traffic the edge also sends to the cloud pool to compare.
+
+    The share is the larger of the desired policy's top-level ``quality_sample_share`` key
+    (set by a rollout on the devices it updates) and the operating policy's
+    ``offload.quality_sample_share`` (``protocol.policy``, set by operators fleet-wide);
+    each 0..1, absent or invalid: 0, no probing. For that share of requests answered
+    locally, the agent sends the same texts to the cloud pool after answering (never on
+    the request's path) and records the cosine between its embedding and the pool's FP32
+    one. Telemetry then carries ``quality_agreement_mean``, ``quality_agreement_min`` and
+    ``quality_samples`` (over the samples since the serving model last changed), and
+    ``model_requests`` / ``model_errors`` (requests answered, and answered with status
+    ``error``, over the same span) for the rollouts' gates.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    quality_sample_share: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @classmethod
+    def from_policy(cls, policy: dict[str, Any]) -> QualityProbe:
+        """The probe a desired policy asks for; a missing or out-of-range share is 0."""
+        operating = policy.get(POLICY_KEY)
+        document = operating.get("document") if isinstance(operating, dict) else None
+        offload = document.get("offload") if isinstance(document, dict) else None
+        if not isinstance(offload, dict):
+            offload = {}
+        shares = [policy.get(QUALITY_SAMPLE_SHARE_KEY), offload.get(QUALITY_SAMPLE_SHARE_KEY)]
+        best = cls()
+        for share in shares:
+            try:
+                probe = cls.model_validate({QUALITY_SAMPLE_SHARE_KEY: share or 0.0})
+            except ValueError:
+                continue
+            if probe.quality_sample_share > best.quality_sample_share:
+                best = probe
+        return best
+
+
+QUALITY_AGREEMENT_MEAN_METRIC = "quality_agreement_mean"
+"""Telemetry: mean cosine edge vs. cloud FP32 over the samples since the model changed."""
+QUALITY_AGREEMENT_MIN_METRIC = "quality_agreement_min"
+"""Telemetry: lowest cosine over the same samples (1.0 when there are none)."""
+QUALITY_SAMPLES_METRIC = "quality_samples"
+"""Telemetry: texts compared since the serving model last changed."""
+MODEL_REQUESTS_METRIC = "model_requests"
+"""Telemetry: requests answered since the serving model last changed."""
+MODEL_ERRORS_METRIC = "model_errors"
+"""Telemetry: of those, answered with status ``error``."""

@@ -164,6 +164,8 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._subscriptions: dict[str, tuple[Handler, QoS]] = {}
+        self._unsubscribe_pending: set[str] = set()
+        """Filters unsubscribed while the UNSUBSCRIBE could not be sent (sent after CONNACK)."""
         self._hooks: list[ConnectHook] = []
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -224,10 +226,24 @@ class MqttClient:
         """
         with self._lock:
             self._subscriptions[topic_filter] = (handler, qos)
+            self._unsubscribe_pending.discard(topic_filter)
         if self._connected.is_set():
             rc, _ = self._client.subscribe(topic_filter, qos=int(qos))
             if rc != paho.MQTT_ERR_SUCCESS:
                 logger.warning("subscribe %s deferred to reconnect: %s", topic_filter, rc)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` and tell the broker now if connected, else right
+        after the next CONNACK (a kept session would still hold the subscription)."""
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+            self._unsubscribe_pending.add(topic_filter)
+        if self._connected.is_set():
+            rc, _ = self._client.unsubscribe(topic_filter)
+            if rc == paho.MQTT_ERR_SUCCESS:
+                with self._lock:
+                    if topic_filter not in self._subscriptions:
+                        self._unsubscribe_pending.discard(topic_filter)
 
     def publish(
         self,
@@ -330,6 +346,10 @@ class MqttClient:
         with self._lock:
             subs = list(self._subscriptions.items())
             hooks = list(self._hooks)
+            gone = list(self._unsubscribe_pending)
+            self._unsubscribe_pending.clear()
+        for topic_filter in gone:
+            client.unsubscribe(topic_filter)
         for topic_filter, (_, qos) in subs:
             client.subscribe(topic_filter, qos=int(qos))
         self._connected.set()

@@ -20,6 +20,8 @@ Tree (``{root}`` defaults to ``spillway/v1``)::
     {root}/models/chunks                  agent -> controller, QoS 1, chunk requests (shared)
     {root}/replies/{client_id}            answers to a client's requests (response topic)
     {root}/replies/{client_id}/chunks     a client's artifact chunks (framed ChunkResponse)
+    {root}/artifacts/{sha256}/chunks      controller -> agents downloading that artifact, QoS 1,
+                                          framed ChunkResponse (broadcast: the broker fans out)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from enum import IntEnum, StrEnum
 DEFAULT_ROOT = "spillway/v1"
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class QoS(IntEnum):
@@ -139,6 +142,13 @@ class Topics:
         """Where a client's chunk answers come: below its reply topic, apart from the
         inference answers on the reply topic itself."""
         return f"{self.replies(client_id)}/chunks"
+
+    def artifact_chunks(self, sha256: str) -> str:
+        """Where the chunks of one artifact are published once for every agent downloading
+        it (each subscribes while it downloads and names this topic as its response topic)."""
+        if not _SHA256.match(sha256):
+            raise InvalidTopic(f"{sha256!r} is not a lowercase hex sha256")
+        return f"{self.root}/artifacts/{sha256}/chunks"
 
     def parse_device(self, topic: str) -> DeviceTopic:
         prefix = f"{self.root}/devices/"

@@ -2,7 +2,13 @@
 
 An agent asks for ``length`` bytes at ``offset`` of the artifact named by its sha256
 (``ChunkRequest`` on ``Topics.model_chunks()``, response topic + correlation data); the
-controller answers on the response topic with a framed ``ChunkResponse``: a small JSON
+controller answers on the response topic with a framed ``ChunkResponse``. Agents name the
+artifact's broadcast topic (``Topics.artifact_chunks(sha256)``) as response topic and listen
+on it while they download, so one publish of a chunk answers every agent that asked for it
+(and reaches those that will): ``listener`` tells the controller which subscription a
+request comes from, so it never counts on a publish that subscription cannot have seen.
+An agent that ends a download says so (``TransferDone``) and frees its transfer slot.
+The answer frame is a small JSON
 header followed by the raw bytes, so a 1 MiB chunk costs 1 MiB on the wire, not the 1.33
 MiB base64 would. The header carries the chunk's own sha256, so every chunk is checked on
 arrival and a download resumes from the last verified offset::
@@ -44,11 +50,39 @@ class ChunkStatus(StrEnum):
     """The controller is at its concurrent-transfer bound: ask again after ``retry_after_ms``."""
 
 
+LISTENER_PATTERN = r"^[0-9a-f]{32}$"
+
+
 class ChunkRequest(Envelope):
     kind: Literal["chunk_request"] = "chunk_request"
     artifact_sha256: str = Field(pattern=SHA256_PATTERN)
     offset: int = Field(ge=0)
     length: int = Field(ge=1, le=MAX_CHUNK_BYTES)
+    listener: str | None = Field(default=None, pattern=LISTENER_PATTERN)
+    """With a broadcast response topic: an id the agent draws each time it (re)subscribes
+    to that topic. The controller answers it with a publish made after it first saw this
+    id (the subscription was in place by then), never with an earlier one."""
+    attempt: int = Field(default=1, ge=1)
+    """How many times this chunk has been asked for in this download; past the first, the
+    controller publishes it again rather than count on an earlier publish."""
+
+
+class TransferDone(Envelope):
+    """An agent stopped downloading ``artifact_sha256`` (finished, failed or cancelled)."""
+
+    kind: Literal["transfer_done"] = "transfer_done"
+    artifact_sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+def decode_transfer_message(payload: bytes, *, max_bytes: int) -> ChunkRequest | TransferDone:
+    """A ``ChunkRequest`` or a ``TransferDone`` (both travel on ``Topics.model_chunks()``)."""
+    try:
+        return decode(payload, ChunkRequest, max_bytes=max_bytes)
+    except MalformedMessage as first:
+        try:
+            return decode(payload, TransferDone, max_bytes=max_bytes)
+        except MalformedMessage:
+            raise first from None
 
 
 class ChunkResponse(Envelope):

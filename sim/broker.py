@@ -56,13 +56,20 @@ class MosquittoBroker:
         host: str = "127.0.0.1",
         extra_config: str = "",
         limits: bool = True,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
     ) -> None:
+        """``password_file`` turns anonymous access off (every listener, including ones in
+        ``extra_config``: settings are not per listener); ``acl_file`` enforces an ACL such
+        as ``cloud_controller.broker_auth`` writes."""
         self.data_dir = data_dir
         self.host = host
         self.port = port if port is not None else free_port(host)
         self._extra_config = extra_config
         self._limits = limits
         """False runs mosquitto with its own defaults (used to show what the limits fix)."""
+        self.password_file = password_file
+        self.acl_file = acl_file
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,7 +87,12 @@ class MosquittoBroker:
                 # As root, mosquitto would switch to user 'mosquitto' and lose access to
                 # data_dir; a test broker keeps the caller's identity.
                 *(["user root"] if os.geteuid() == 0 else []),
-                "allow_anonymous true",
+                *(
+                    ["allow_anonymous true"]
+                    if self.password_file is None
+                    else ["allow_anonymous false", f"password_file {self.password_file}"]
+                ),
+                *([f"acl_file {self.acl_file}"] if self.acl_file is not None else []),
                 "persistence true",
                 f"persistence_location {self.data_dir}/",
                 "autosave_interval 1",

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from models.signing import load_or_create_signing_key, public_path
 from sim.broker import MosquittoBroker, free_port
 from sim.processes import ChildProcess
 from sim.profiles import profile_for
@@ -99,6 +100,8 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
     try:
         db = work / "controller.db"
         db.unlink(missing_ok=True)  # every demo starts with a fresh fleet
+        key_path = work / "keys" / "signing.key"
+        load_or_create_signing_key(key_path)  # agents trust its public half for desired state
         controller = ChildProcess(
             "controller",
             [
@@ -112,7 +115,7 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
                 f"sqlite:///{db}",
             ],
             log_path=work / "logs" / "controller.log",
-            env={},
+            env={"SPILLWAY_SIGNING_KEY_PATH": str(key_path)},
         )
         controller.start()
         children.append(controller)
@@ -147,7 +150,7 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
                     str(settings.keepalive_s),
                 ],
                 log_path=work / "logs" / f"{device_id}.log",
-                env={},
+                env={"SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(public_path(key_path))])},
             )
             agent.start()
             children.append(agent)

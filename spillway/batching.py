@@ -74,6 +74,8 @@ def split(outputs: npt.NDArray[np.float32], sizes: Sequence[int]) -> list[npt.ND
         raise BatchShapeError(
             f"model returned {outputs.shape[0]} rows for a batch of {sum(sizes)} items"
         )
+    if len(sizes) == 1:  # a lone request (batch-1 serving): no copy, no split
+        return [outputs]
     bounds = list(itertools.accumulate(sizes))
     return list(np.split(outputs, bounds[:-1])) if sizes else []
 
@@ -227,6 +229,23 @@ class DynamicBatcher(Generic[T]):
     @property
     def queued_items(self) -> int:
         return self._queued_items
+
+    @property
+    def settings(self) -> BatcherSettings:
+        return self._settings
+
+    def reconfigure(self, settings: BatcherSettings) -> None:
+        """Take new settings from the next batch on (call on the batcher's loop): the
+        adaptive limit keeps its value, clamped into the new floor and ceiling; what is
+        already queued stays queued even if above a smaller ``max_queue_items``."""
+        self._settings = settings
+        self.limit = AdaptiveLimit(
+            floor=settings.min_batch_size,
+            ceiling=settings.max_batch_size,
+            latency_budget_ms=settings.latency_budget_ms,
+            limit=min(settings.max_batch_size, max(settings.min_batch_size, self.limit.limit)),
+        )
+        self._wakeup.set()  # a shorter max_queue_delay_ms applies to what waits now
 
     def start(self) -> None:
         if self._task is None:

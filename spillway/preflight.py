@@ -7,8 +7,10 @@ entry points print that line and exit non-zero instead of showing a traceback.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -63,6 +65,51 @@ def packages_present(*modules: str, extra: str) -> Check:
             )
 
     return check
+
+
+def files_readable(files: Mapping[str, Path | None], *, what: str) -> Check:
+    """Every given file (``setting name -> path``; None = not configured) exists and can be
+    read, so a typo in a TLS path stops the process with one line instead of a traceback
+    from the TLS library at the first connect."""
+
+    def check() -> None:
+        for name, path in files.items():
+            if path is None:
+                continue
+            if not path.is_file():
+                raise PreflightError(f"{what}: {name} {path} does not exist or is not a file")
+            if not os.access(path, os.R_OK):
+                raise PreflightError(f"{what}: {name} {path} is not readable by this user")
+
+    return check
+
+
+MQTT_TLS_FIELDS = ("mqtt_tls_ca_file", "mqtt_tls_cert_file", "mqtt_tls_key_file")
+
+
+def mqtt_tls_files_readable(settings: BaseSettings) -> Check:
+    """The ``mqtt_tls_*`` files of any side's settings exist and are readable."""
+    return files_readable(
+        {name: getattr(settings, name, None) for name in MQTT_TLS_FIELDS}, what="MQTT TLS"
+    )
+
+
+def check_mqtt_credentials(
+    *,
+    username: str | None,
+    password: object | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+) -> None:
+    """Settings validation shared by every side: raise ``ValueError`` for MQTT credential
+    settings that cannot work together (no disk access; ``files_readable`` checks that)."""
+    if password is not None and username is None:
+        raise ValueError("mqtt_password is set but mqtt_username is not")
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("mqtt_tls_cert_file and mqtt_tls_key_file go together")
+    if cert_file is not None and ca_file is None:
+        raise ValueError("a client certificate needs mqtt_tls_ca_file (TLS is off without it)")
 
 
 def run_checks(checks: Iterable[Check]) -> None:

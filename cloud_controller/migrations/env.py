@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-import cloud_controller.entities  # noqa: F401  (registers the tables for autogenerate)
+from cloud_controller import tables  # noqa: F401  (registers every table)
 
 config = context.config
 target_metadata = SQLModel.metadata

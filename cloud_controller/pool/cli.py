@@ -21,6 +21,7 @@ from spillway.preflight import (
     EXIT_PREFLIGHT,
     Check,
     PreflightError,
+    mqtt_tls_files_readable,
     packages_present,
     run_checks,
     settings_from,
@@ -65,9 +66,11 @@ def startup_checks(settings: PoolSettings) -> list[Check]:
     checks: list[Check] = [
         tcp_reachable(settings.mqtt_host, settings.mqtt_port, what="MQTT broker")
     ]
+    tls = mqtt_tls_files_readable(settings)
     if settings.backend == "kubernetes":
-        return [packages_present("kubernetes", extra="cloud"), *checks]
+        return [tls, packages_present("kubernetes", extra="cloud"), *checks]
     return [
+        tls,
         packages_present("torch", "safetensors", "tokenizers", "numpy", extra="cloud"),
         tp_size_fits(settings.tp),
         *checks,
@@ -80,6 +83,12 @@ def serve(
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel ranks per replica."),
     mqtt_host: str | None = typer.Option(None, "--mqtt-host"),
     mqtt_port: int | None = typer.Option(None, "--mqtt-port"),
+    mqtt_username: str | None = typer.Option(
+        None, "--mqtt-username", help="Broker username; the password comes from the environment."
+    ),
+    mqtt_tls_ca_file: Path | None = typer.Option(None, "--mqtt-tls-ca-file"),
+    mqtt_tls_cert_file: Path | None = typer.Option(None, "--mqtt-tls-cert-file"),
+    mqtt_tls_key_file: Path | None = typer.Option(None, "--mqtt-tls-key-file"),
     max_batch_size: int | None = typer.Option(None, "--max-batch-size"),
     max_queue_delay_ms: float | None = typer.Option(None, "--max-queue-delay-ms"),
     autoscale: bool | None = typer.Option(None, "--autoscale/--no-autoscale"),
@@ -97,6 +106,10 @@ def serve(
             tp=tp,
             mqtt_host=mqtt_host,
             mqtt_port=mqtt_port,
+            mqtt_username=mqtt_username,
+            mqtt_tls_ca_file=mqtt_tls_ca_file,
+            mqtt_tls_cert_file=mqtt_tls_cert_file,
+            mqtt_tls_key_file=mqtt_tls_key_file,
             max_batch_size=max_batch_size,
             max_queue_delay_ms=max_queue_delay_ms,
             autoscale=autoscale,

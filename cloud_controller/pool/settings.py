@@ -13,12 +13,13 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.mqtt import MqttSettings
 from protocol.topics import DEFAULT_ROOT
 from spillway.batching import BatcherSettings
+from spillway.preflight import check_mqtt_credentials
 
 ENV_PREFIX = "SPILLWAY_POOL_"
 
@@ -39,6 +40,18 @@ class PoolSettings(BaseSettings):
     mqtt_session_expiry_s: int = Field(default=3600, ge=0)
     """Seconds the broker keeps a replica's session (and its unacknowledged requests) while
     the replica restarts."""
+    mqtt_username: str | None = Field(default=None, min_length=1)
+    """Username of the pool's supervisor and replicas (``spillway certs mqtt-user
+    spillway-pool --role pool``); None: anonymous, for a development broker only."""
+    mqtt_password: SecretStr | None = None
+    """Password of ``mqtt_username``, from the environment (``SPILLWAY_POOL_MQTT_PASSWORD``,
+    a Secret in Kubernetes), never a command line. Never logged."""
+    mqtt_tls_ca_file: Path | None = None
+    """CA certificate that signed the broker's certificate; None = plain TCP."""
+    mqtt_tls_cert_file: Path | None = None
+    """Client certificate for a listener that requires one; None = none."""
+    mqtt_tls_key_file: Path | None = None
+    """Private key of ``mqtt_tls_cert_file``."""
     topic_root: str = Field(default=DEFAULT_ROOT, min_length=1)
     """First levels of every topic."""
     client_id_prefix: str = Field(default="spillway-pool", min_length=1, max_length=48)
@@ -113,6 +126,13 @@ class PoolSettings(BaseSettings):
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
         if self.dtype != "float32" and self.device != "cuda":
             raise ValueError(f"dtype {self.dtype} needs device=cuda; the CPU pool runs float32")
+        check_mqtt_credentials(
+            username=self.mqtt_username,
+            password=self.mqtt_password,
+            ca_file=self.mqtt_tls_ca_file,
+            cert_file=self.mqtt_tls_cert_file,
+            key_file=self.mqtt_tls_key_file,
+        )
         return self
 
     def replica_client_id(self, index: int) -> str:
@@ -146,12 +166,22 @@ class PoolSettings(BaseSettings):
             keepalive_s=self.mqtt_keepalive_s,
             session_expiry_s=self.mqtt_session_expiry_s,
             manual_ack=manual_ack,
+            username=self.mqtt_username,
+            password=self.mqtt_password.get_secret_value() if self.mqtt_password else None,
+            tls_ca_file=str(self.mqtt_tls_ca_file) if self.mqtt_tls_ca_file else None,
+            tls_cert_file=str(self.mqtt_tls_cert_file) if self.mqtt_tls_cert_file else None,
+            tls_key_file=str(self.mqtt_tls_key_file) if self.mqtt_tls_key_file else None,
         )
 
     def as_env(self) -> dict[str, str]:
-        """These settings as ``SPILLWAY_POOL_*`` variables, for the processes it starts."""
+        """These settings as ``SPILLWAY_POOL_*`` variables, for the processes it starts.
+
+        The MQTT password is included in clear (a replica needs it): put the result only
+        into a child process's environment, never into a log or a manifest."""
         env: dict[str, str] = {}
         for name, value in self.model_dump(exclude_none=True).items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             env[ENV_PREFIX + name.upper()] = (
                 str(value).lower() if isinstance(value, bool) else str(value)
             )

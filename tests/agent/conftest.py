@@ -23,6 +23,7 @@ from tests.agent.helpers import (
     FakeClock,
     ProcessFactory,
     RecordingPublisher,
+    control_key_env,
     edge_settings,
     serving_settings,
 )
@@ -97,7 +98,7 @@ def agent_process(broker: MosquittoBroker, tmp_path: Path) -> Iterator[ProcessFa
         proc = AgentProcess(
             args,
             log_path=tmp_path / f"{device_id}.log",
-            env={"SPILLWAY_EDGE_RECONNECT_BACKOFF_MAX_S": "0.5"},
+            env={"SPILLWAY_EDGE_RECONNECT_BACKOFF_MAX_S": "0.5", **control_key_env()},
         )
         made.append(proc)
         return proc

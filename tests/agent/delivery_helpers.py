@@ -15,11 +15,16 @@ from typing import Any
 
 from models.manifest import Manifest, sign
 from models.signing import SigningKey
-from protocol.codec import decode
 from protocol.messages import MODEL_POLICY_KEY, ModelAssignment
 from protocol.mqtt import InboundMessage, MqttClient, MqttSettings
 from protocol.topics import QoS, Topics
-from protocol.transfer import ChunkRequest, ChunkResponse, ChunkStatus, encode_chunk
+from protocol.transfer import (
+    ChunkResponse,
+    ChunkStatus,
+    TransferDone,
+    decode_transfer_message,
+    encode_chunk,
+)
 from sim.broker import MosquittoBroker
 
 
@@ -49,6 +54,8 @@ class ChunkResponder:
         self.topics = Topics()
         self._lock = threading.Lock()
         self.asked: list[Asked] = []
+        self.done: list[str] = []
+        """Digests named by ``TransferDone`` messages, in order."""
         self.served_bytes: dict[str, int] = {}
         self.client = MqttClient(
             MqttSettings(
@@ -82,7 +89,12 @@ class ChunkResponder:
             self.asked.clear()
 
     def _on_request(self, msg: InboundMessage) -> None:
-        request = decode(msg.payload, ChunkRequest)
+        message = decode_transfer_message(msg.payload, max_bytes=4096)
+        if isinstance(message, TransferDone):
+            with self._lock:
+                self.done.append(message.artifact_sha256)
+            return
+        request = message
         assert msg.response_topic is not None
         with self._lock:
             self.asked.append(

@@ -3,11 +3,14 @@ agent subprocesses."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -23,6 +26,7 @@ import httpx
 from edge_agent.agent import Agent
 from edge_agent.serving import ServingModel
 from edge_agent.settings import EdgeSettings
+from models.signing import SigningKey, public_path, save_signing_key
 from protocol.codec import decode, encode
 from protocol.inference import (
     EmbeddingBlock,
@@ -45,11 +49,31 @@ from protocol.messages import (
     Telemetry,
 )
 from protocol.mqtt import InboundMessage, MqttClient, MqttError, MqttSettings, NotConnected
+from protocol.signing import Signer, sign_desired
 from protocol.topics import DeviceChannel, QoS, Topics
 from sim.broker import MosquittoBroker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEEPALIVE_S = 2
+
+
+@functools.cache
+def control_key() -> SigningKey:
+    """The test cloud's desired-state key: ``Cloud`` signs with it, agents trust it."""
+    return SigningKey.generate()
+
+
+@functools.cache
+def control_key_file() -> Path:
+    """The public half of ``control_key`` as a PEM file (one per test session)."""
+    path = Path(tempfile.mkdtemp(prefix="spillway-control-")) / "control.key"
+    save_signing_key(control_key(), path)
+    return public_path(path)
+
+
+def control_key_env() -> dict[str, str]:
+    """Environment that makes an agent process trust ``control_key``."""
+    return {"SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(control_key_file())])}
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0, *, what: str = "") -> None:
@@ -184,9 +208,19 @@ class Cloud:
         return self.seen(device_id, DeviceChannel.REPORTED)
 
     def publish_desired(
-        self, device_id: str, generation: int, policy: dict[str, Any] | None = None
+        self,
+        device_id: str,
+        generation: int,
+        policy: dict[str, Any] | None = None,
+        *,
+        signer: Signer | None = None,
+        signed: bool = True,
     ) -> None:
+        """Publish desired state signed with ``signer`` (default ``control_key()``), or
+        unsigned with ``signed=False``."""
         message = DesiredState(device_id=device_id, generation=generation, policy=policy or {})
+        if signed:
+            message = sign_desired(message, signer or control_key())
         self.publish_raw(device_id, encode(message))
 
     def publish_raw(self, device_id: str, payload: bytes) -> None:
@@ -239,6 +273,7 @@ def edge_settings(broker: MosquittoBroker, state_dir: Path, **overrides: Any) ->
         "telemetry_interval_s": 0.3,
         "reconnect_backoff_max_s": 0.5,
         "labels": {"site": "lab"},
+        "desired_key_files": (control_key_file(),),
     }
     values.update(overrides)
     return EdgeSettings(**values)

@@ -94,3 +94,32 @@ def test_the_byte_bound_follows_acks_expiry_and_restarts(tmp_path: Path) -> None
     reopened.append("t", b"zzzz", now=115.0)  # the record from t=50 expired: room again
     assert [r.payload for r in reopened.pending()] == [b"zzzz"]
     assert reopened.size() == (1, 4)
+
+
+def test_expiry_still_happens_after_acks_and_a_restart(tmp_path: Path) -> None:
+    """The append skips the expiry scan while nothing can be due; acks must not fool it."""
+    limits = OutboxLimits(max_age_s=60)
+    box = Outbox(tmp_path / "o.db", boot_epoch=1, limits=limits)
+    first = box.append("t", b"acked", now=0.0)
+    box.append("t", b"old", now=10.0)
+    assert box.ack(1, [first.seq]) == 1
+    box.append("t", b"young", now=65.0)  # nothing is older than 5 yet
+    assert [r.payload for r in box.pending()] == [b"old", b"young"] and box.dropped == 0
+    box.close()
+    again = Outbox(tmp_path / "o.db", boot_epoch=2, limits=limits)
+    again.append("t", b"new", now=100.0)  # 10 < 100 - 60: "old" goes
+    assert [r.payload for r in again.pending()] == [b"young", b"new"]
+    assert again.dropped == 1
+
+
+def test_a_refused_append_does_not_forget_what_is_due_to_expire(tmp_path: Path) -> None:
+    limits = OutboxLimits(max_bytes=8, max_age_s=60, policy=FullPolicy.REJECT_NEW)
+    box = Outbox(tmp_path / "o.db", boot_epoch=1, limits=limits)
+    box.append("t", b"aaaa", now=0.0)
+    box.append("t", b"bbbb", now=50.0)
+    with pytest.raises(OutboxFull, match="exceeds max_bytes"):
+        box.append("t", b"x" * 9, now=100.0)  # expires "aaaa", then fails: rolled back
+    assert [r.payload for r in box.pending()] == [b"aaaa", b"bbbb"] and box.dropped == 0
+    box.append("t", b"c", now=100.0)  # "aaaa" is still due: expired, so "c" fits
+    assert [r.payload for r in box.pending()] == [b"bbbb", b"c"]
+    assert box.dropped == 1

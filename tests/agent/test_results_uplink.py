@@ -244,3 +244,74 @@ def test_records_handed_over_from_another_thread_are_group_committed_before_done
     assert [s for s, _ in seen] == [1, 2]
     assert all(stored >= 2 for _, stored in seen)
     outbox.close()
+
+
+def _served(request_id: str, **changes: object) -> ResultRecord:
+    record = ResultRecord(
+        seq=1,
+        request_id=request_id,
+        status=InferStatus.OK,
+        tier=Tier.EDGE,
+        queued_ms=0.25,
+        latency_ms=3.5,
+        served_at=datetime(2026, 1, 1, 12, 30, tzinfo=UTC),
+        embeddings=EmbeddingBlock.from_array(np.arange(6, dtype=np.float32).reshape(1, 6)),
+    )
+    return record.model_copy(update=changes) if changes else record
+
+
+def test_a_stored_payload_is_exactly_the_record_with_its_seq(tmp_path: Path) -> None:
+    from edge_agent.results import payload_factory
+    from protocol.inference import OffloadReason
+
+    records = [
+        _served("plain"),
+        _served("cloud", tier=Tier.CLOUD, offload_reason=OffloadReason.OVERFLOW, variant="v"),
+        _served("none", embeddings=None),
+    ]
+    for record in records:
+        make = payload_factory(record)
+        for seq in (1, 2, 10, 123456789):
+            expected = record.model_copy(update={"seq": seq}).model_dump_json().encode()
+            assert make(seq) == expected
+            assert ResultRecord.model_validate_json(make(seq)).seq == seq
+
+
+def test_write_commits_on_the_calling_thread_and_returns_each_seq_or_why_not(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from edge_agent.clock import SystemClock
+    from edge_agent.outbox import FullPolicy, OutboxFull
+    from edge_agent.results import ResultWriter
+
+    limits = OutboxLimits(max_bytes=1024, policy=FullPolicy.REJECT_NEW)
+    outbox = Outbox(tmp_path / "o.db", boot_epoch=1, limits=limits)
+    committed_on: list[str] = []
+    writer = ResultWriter(
+        outbox,
+        clock=SystemClock(),
+        on_committed=lambda: committed_on.append(threading.current_thread().name),
+    )
+    too_big = _served("too big", variant="x" * 2000)
+
+    async def scenario() -> list[int | Exception]:
+        writer.start()
+        try:
+            return await asyncio.to_thread(
+                lambda: list(writer.write([_served("a"), too_big, _served("b")]))
+            )
+        finally:
+            await writer.stop()
+
+    first, refused, last = asyncio.run(scenario())
+    assert (first, last) == (1, 2)  # the refused record took no seq
+    assert isinstance(refused, OutboxFull)
+    assert [ResultRecord.model_validate_json(r.payload).request_id for r in outbox.pending()] == [
+        "a",
+        "b",
+    ]
+    assert committed_on and "result-commit" not in committed_on
+    assert (writer.records, writer.failed) == (2, 1)
+    outbox.close()

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from edge_agent.serving import ServingModel
 from protocol.codec import decode, encode
-from protocol.inference import InferRequest, InferResponse, InferStatus, Tier
+from protocol.inference import InferRequest, InferResponse, InferStatus, ResultRecord, Tier
 from protocol.mqtt import InboundMessage
 from protocol.topics import DeviceChannel, QoS, Topics
 from sim.broker import MosquittoBroker
@@ -191,3 +192,88 @@ def test_cli_serving_start_up_problems_are_one_line_exit_2(tmp_path: Path, model
         state_dir=tmp_path / "s",
     )
     assert done.returncode == 2 and "missing.pub not found" in done.stderr
+
+
+def test_a_lone_request_is_committed_by_the_model_thread_a_queued_one_by_the_commit_thread(
+    tmp_path: Path,
+) -> None:
+    """Both are answered only once stored; only the idle case skips the commit thread."""
+    import asyncio
+
+    from edge_agent.clock import SystemClock
+    from edge_agent.cloud import NoCloud
+    from edge_agent.metrics import ServingMetrics
+    from edge_agent.outbox import Outbox, OutboxLimits, Record
+    from edge_agent.results import ResultWriter
+    from edge_agent.serving import EmbedRequest, ServingRuntime
+    from edge_agent.settings import EdgeSettings
+
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def embed(texts: list[str]) -> np.ndarray:
+        entered.set()
+        assert gate.wait(30), "gate never opened"
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    committed_by: dict[str, str] = {}  # request id -> the thread that committed it
+
+    class WatchedOutbox(Outbox):
+        def append_many(
+            self, kind: str, payloads: Sequence[Callable[[int], bytes]], *, now: float
+        ) -> list[Record]:
+            records = super().append_many(kind, payloads, now=now)
+            for record in records:
+                request_id = ResultRecord.model_validate_json(record.payload).request_id
+                committed_by[request_id] = threading.current_thread().name
+            return records
+
+    outbox = WatchedOutbox(tmp_path / "outbox.sqlite", boot_epoch=1, limits=OutboxLimits())
+
+    clock = SystemClock()
+    settings = EdgeSettings(
+        device_id="d", state_dir=tmp_path, max_batch_size=1, offload_enabled=False
+    )
+    runtime = ServingRuntime(
+        ServingModel(variant="v", device="cpu", embed=embed),
+        settings=settings,
+        writer=ResultWriter(outbox, clock=clock),
+        cloud=NoCloud(),
+        metrics=ServingMetrics(),
+        clock=clock,
+    )
+
+    async def scenario() -> list[tuple[str, int | None, int]]:
+        await runtime.start()
+        try:
+            first = asyncio.create_task(runtime.serve(EmbedRequest("first", ["a"])))
+            await asyncio.to_thread(entered.wait, 30)  # the model holds "first" ...
+            second = asyncio.create_task(runtime.serve(EmbedRequest("second", ["b"])))
+            while runtime.queued_items == 0:  # ... while "second" queues behind it
+                await asyncio.sleep(0.001)
+            gate.set()
+            answers = [await first, await second]
+            gate.clear()
+            entered.clear()
+            lone = asyncio.create_task(runtime.serve(EmbedRequest("lone", ["c"])))
+            await asyncio.to_thread(entered.wait, 30)
+            gate.set()
+            answers.append(await lone)
+        finally:
+            await runtime.stop()
+        return [
+            (o.status.value, o.seq, o.embeddings.shape[0] if o.embeddings is not None else 0)
+            for o in answers
+        ]
+
+    answers = asyncio.run(scenario())
+    assert [status for status, _, _ in answers] == ["ok"] * 3
+    assert sorted(seq for _, seq, _ in answers) == [1, 2, 3]  # type: ignore[type-var]
+    # "first" finished with "second" waiting: its record went to the commit thread so the
+    # model could go on; "second" and "lone" found nobody waiting and were committed where
+    # they were computed. Either way the answer came after the commit (seq is its key).
+    assert committed_by["first"] == "result-commit"
+    assert committed_by["second"] != "result-commit"
+    assert committed_by["lone"] != "result-commit"
+    assert {r.seq for r in outbox.pending()} == {1, 2, 3}
+    outbox.close()

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-import cloud_controller.entities  # noqa: F401  (registers the tables)
+from cloud_controller import tables  # noqa: F401  (registers every table)
 from cloud_controller.database import downgrade, make_engine, migrate
 from cloud_controller.settings import CloudSettings
 
@@ -25,6 +25,13 @@ TABLES = {
     "model_versions",
     "model_variants",
     "alerts",
+    "policies",
+    "policy_versions",
+    "device_groups",
+    "operator_labels",
+    "rollouts",
+    "rollout_waves",
+    "rollout_devices",
 }
 
 

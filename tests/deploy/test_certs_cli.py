@@ -32,7 +32,7 @@ def test_ca_server_and_device_bundles(tmp_path: Path) -> None:
 
 
 def test_bad_and_reserved_device_ids_are_refused(tmp_path: Path) -> None:
-    for bad in ("a/b", "ca", "mosquitto"):
+    for bad in ("a/b", "ca", "mosquitto", "spillway-controller", "spillway-pool"):
         result = runner.invoke(certs_app, ["device", bad, "--dir", str(tmp_path)])
         assert result.exit_code == 2, (bad, result.output)
     assert not (tmp_path / "ca.pem").exists()

@@ -14,10 +14,12 @@ import kubernetes_validate
 import pytest
 from kubernetes.client import ApiClient
 
+from cloud_controller.broker_auth import render_acl, render_device_acl
 from cloud_controller.pool.kubernetes import KubernetesOrchestrator
 from cloud_controller.pool.settings import PoolSettings
 from cloud_controller.settings import CloudSettings
 from edge_agent.settings import EdgeSettings
+from protocol.topics import Topics
 from tests.deploy.kustomize import Unsupported, render, strategic_merge
 
 K8S_VERSION = "1.37"
@@ -34,6 +36,9 @@ PROD_SECRETS = {
     "spillway-signing-key",
     "spillway-mqtt-tls",
     "spillway-controller-tls",
+    "spillway-mqtt-auth",
+    "spillway-mqtt-controller",
+    "spillway-mqtt-pool",
 }
 """Secrets prod expects to exist (docs/deploy.md creates them)."""
 
@@ -186,10 +191,32 @@ def test_secrets_are_generated_in_dev_and_only_referenced_in_prod() -> None:
 def test_prod_broker_config_is_the_tls_one() -> None:
     prod = _rendered("prod")
     config = _one(prod, "ConfigMap", "mosquitto-config")["data"]
-    assert set(config) == {"mosquitto.conf", "acl-cloud", "acl-devices"}
+    assert set(config) == {"mosquitto.conf", "acl", "acl-devices"}
     assert "require_certificate true" in config["mosquitto.conf"]
+    assert "password_file /mosquitto/auth/passwd" in config["mosquitto.conf"]
+    assert "allow_anonymous true" not in config["mosquitto.conf"]
+    # The committed ACLs are exactly what the generator derives from protocol/topics.py.
+    assert config["acl"] == render_acl(Topics())
+    assert config["acl-devices"] == render_device_acl(Topics())
     (mosquitto,) = _containers(_one(prod, "StatefulSet", "mosquitto"))
     assert {p["containerPort"] for p in mosquitto["ports"]} == {1883, 8883}
+    mounts = {m["name"]: m["mountPath"] for m in mosquitto["volumeMounts"]}
+    assert mounts["auth"] == "/mosquitto/auth"
+
+
+def test_prod_cloud_processes_get_their_mqtt_credentials_from_secrets() -> None:
+    prod = _rendered("prod")
+    wanted = {
+        ("Deployment", "spillway-controller"): ("SPILLWAY_MQTT_", "spillway-mqtt-controller"),
+        ("StatefulSet", "spillway-pool"): ("SPILLWAY_POOL_MQTT_", "spillway-mqtt-pool"),
+        ("Deployment", "spillway-pool-supervisor"): ("SPILLWAY_POOL_MQTT_", "spillway-mqtt-pool"),
+    }
+    for (kind, name), (prefix, secret) in wanted.items():
+        (container,) = _containers(_one(prod, kind, name))
+        env = _env(container)
+        for key in ("username", "password"):
+            ref = env[f"{prefix}{key.upper()}"]
+            assert ref == {"secretKeyRef": {"name": secret, "key": key}}, (name, key)
     dev = _rendered("dev")
     dev_conf = _one(dev, "ConfigMap", "mosquitto-config")["data"]["mosquitto.conf"]
     assert dev_conf == (MANIFESTS / "mosquitto" / "mosquitto.conf").read_text()

@@ -1,7 +1,9 @@
 """The prod overlay's broker configuration, run by a real mosquitto with generated certificates.
 
 The config and ACL files are the ones in ``manifests/overlays/prod/mosquitto/``; only
-ports, file paths and the log destination are substituted for this machine.
+ports, file paths and the log destination are substituted for this machine. The password
+file (the ``spillway-mqtt-auth`` Secret in prod) is made the way docs/deploy.md says, by
+``cloud_controller.broker_auth``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cloud_controller.broker_auth import CONTROLLER_USER, POOL_USER, BrokerAuthDir, Role
 from cloud_controller.certs import Issued, ensure_ca, issue
 from sim.broker import free_port, mosquitto_binary
 from sim.processes import terminate
@@ -34,6 +37,7 @@ class Broker:
     tls_port: int
     ca: Issued
     pki: Path
+    passwords: dict[str, str]
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -67,6 +71,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         "/mosquitto/certs/tls.crt": str(server.cert),
         "/mosquitto/certs/tls.key": str(server.key),
         "/mosquitto/config/": f"{tmp}/",
+        "/mosquitto/auth/": f"{tmp}/auth/",
         "/mosquitto/data/": f"{tmp}/data/",
         "log_dest stdout": f"log_dest file {log}",
     }
@@ -76,8 +81,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         config = config.replace(old, new)
     if os.geteuid() == 0:  # as root mosquitto would switch to user 'mosquitto'
         config = "user root\n" + config
-    for acl in ("acl-cloud", "acl-devices"):
+    for acl in ("acl", "acl-devices"):
         (tmp / acl).write_text((PROD / acl).read_text())
+    auth = BrokerAuthDir(tmp / "auth")
+    passwords = {
+        CONTROLLER_USER: auth.issue(CONTROLLER_USER, Role.CONTROLLER).password,
+        POOL_USER: auth.issue(POOL_USER, Role.POOL).password,
+    }
     (tmp / "mosquitto.conf").write_text(config)
     proc = subprocess.Popen(
         [mosquitto_binary(), "-c", str(tmp / "mosquitto.conf")],
@@ -87,7 +97,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     try:
         _wait_port(plain_port, proc, log)
         _wait_port(tls_port, proc, log)
-        yield Broker(plain_port, tls_port, ca, pki)
+        yield Broker(plain_port, tls_port, ca, pki, passwords)
     finally:
         terminate(proc, timeout_s=10)
 
@@ -95,10 +105,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 class Client:
     """A paho MQTT v5 client that records its connect result and what it receives."""
 
-    def __init__(self, client_id: str) -> None:
+    def __init__(self, client_id: str, *, username: str | None = None, password: str = "") -> None:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.connected = threading.Event()
         self.refused = threading.Event()
         self.subscribed = threading.Event()
@@ -175,12 +187,30 @@ def test_a_certificate_from_another_ca_is_refused(broker: Broker, tmp_path: Path
         client.close()
 
 
+def test_in_cluster_listener_wants_a_cloud_password(broker: Broker) -> None:
+    refused = [
+        Client("anonymous"),
+        Client("spillway-controller", username=CONTROLLER_USER, password="guess"),
+        Client("spillway-pool-0", username=POOL_USER, password=broker.passwords[CONTROLLER_USER]),
+    ]
+    accepted = Client("spillway-pool-0", username=POOL_USER, password=broker.passwords[POOL_USER])
+    try:
+        for client in refused:
+            assert not client.connect(broker.plain_port)
+        assert accepted.connect(broker.plain_port)
+    finally:
+        for client in (*refused, accepted):
+            client.close()
+
+
 def test_acl_keeps_a_device_to_its_own_topics(broker: Broker) -> None:
     root = "spillway/v1"
     a = Client("edge-a").tls(broker.ca.cert, issue(broker.pki, "edge-a"))
     b = Client("edge-b").tls(broker.ca.cert, issue(broker.pki, "edge-b"))
-    cloud = Client("spillway-controller")
-    pool = Client("spillway-pool-0")
+    cloud = Client(
+        "spillway-controller", username=CONTROLLER_USER, password=broker.passwords[CONTROLLER_USER]
+    )
+    pool = Client("spillway-pool-0", username=POOL_USER, password=broker.passwords[POOL_USER])
     try:
         assert a.connect(broker.tls_port) and b.connect(broker.tls_port)
         assert cloud.connect(broker.plain_port) and pool.connect(broker.plain_port)
@@ -216,7 +246,8 @@ def test_acl_keeps_a_device_to_its_own_topics(broker: Broker) -> None:
         ):
             time.sleep(0.05)
         time.sleep(0.3)  # anything denied would have arrived by now
-        assert sorted(b.received) == [f"{root}/devices/edge-b/{c}" for c in ("desired", "results")]
+        # b does not read its own results back: a device only writes its uplink channels.
+        assert b.received == [f"{root}/devices/edge-b/desired"]
         assert cloud.received == [f"{root}/devices/edge-b/results", f"{root}/models/chunks"]
         assert pool.received == [f"{root}/pool/requests"]
         assert a.received == [f"{root}/pool/status"]  # not the forged one

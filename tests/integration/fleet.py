@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from models.signing import load_or_create_signing_key, public_path
 from sim.broker import MosquittoBroker, free_port
 from sim.processes import ChildProcess
 
@@ -31,6 +33,8 @@ class Fleet:
         self.broker = broker
         self.work = work
         self.http_port = free_port()
+        self.key_path = work / "keys" / "signing.key"
+        load_or_create_signing_key(self.key_path)  # agents must trust it before it signs
         self.controller = ChildProcess(
             "controller",
             [
@@ -44,7 +48,7 @@ class Fleet:
                 f"sqlite:///{work / 'controller.db'}",
             ],
             log_path=work / "controller.log",
-            env={},
+            env={"SPILLWAY_SIGNING_KEY_PATH": str(self.key_path)},
         )
         self.agents: dict[str, ChildProcess] = {}
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=5)
@@ -77,10 +81,15 @@ class Fleet:
                 "1",
             ],
             log_path=self.work / f"{device_id}.log",
-            env={},
+            env={"SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(self.desired_key_file)])},
         )
         self.agents[device_id] = proc
         return proc
+
+    @property
+    def desired_key_file(self) -> Path:
+        """The controller's public key, which agents verify desired state with."""
+        return public_path(self.key_path)
 
     def device(self, device_id: str) -> dict[str, Any]:
         response = self.http.get(f"/api/v1/devices/{device_id}")

@@ -1,0 +1,7 @@
+"""Every module that defines tables, imported in one place so ``SQLModel.metadata`` knows
+them all (the migrations' env and the schema tests import this, not the modules one by one).
+"""
+
+from cloud_controller import entities, policy_entities, rollout_entities
+
+__all__ = ["entities", "policy_entities", "rollout_entities"]
