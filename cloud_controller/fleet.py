@@ -18,6 +18,7 @@ from sqlalchemy.orm import Mapped
 from sqlmodel import Session, SQLModel, col, select
 
 from cloud_controller.entities import Device, DeviceReported, Result, TelemetrySample
+from cloud_controller.rollout_entities import Rollout, RolloutState
 from protocol.messages import DeviceStatus
 
 LATENCY_EDGES_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -141,6 +142,16 @@ def summary(session: Session, *, now: datetime, stale_after_s: float) -> FleetSu
         stale=stale,
         staleness_s=staleness,
     )
+
+
+def rollouts_by_state(session: Session) -> dict[str, int]:
+    """Rollouts by state (every state present, 0 when none): the ``spillway_rollouts`` gauge."""
+    counts = {state.value: 0 for state in RolloutState}
+    for state, count in session.exec(
+        select(col(Rollout.state), sa.func.count()).group_by(col(Rollout.state))
+    ).all():
+        counts[str(state)] = int(count)
+    return counts
 
 
 def _count(session: Session, *conditions: sa.ColumnElement[bool]) -> int:
