@@ -4,12 +4,14 @@ the real MQTT ingest path) a thousand more registered devices."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
 
 import httpx
 
+from models.signing import load_or_create_signing_key, public_path
 from protocol.codec import encode
 from protocol.messages import DeviceStatus, Hello, Presence, RuntimeCapabilities
 from protocol.mqtt import MqttClient, MqttSettings
@@ -39,6 +41,8 @@ class DashboardFleet:
         )
 
     def start(self, *, agents: int) -> None:
+        key_path = self.work / "keys" / "signing.key"
+        load_or_create_signing_key(key_path)  # agents trust its public half for desired state
         self.broker.start()
         self.controller = ChildProcess(
             "controller",
@@ -57,7 +61,7 @@ class DashboardFleet:
                 "SPILLWAY_ADMIN_TOKEN": self.admin_token,
                 "SPILLWAY_TRUSTED_KEYS_DIR": str(self.models / "keys"),
                 "SPILLWAY_ARTIFACT_DIR": str(self.work / "artifacts"),
-                "SPILLWAY_SIGNING_KEY_PATH": str(self.work / "keys" / "signing.key"),
+                "SPILLWAY_SIGNING_KEY_PATH": str(key_path),
             },
         )
         self.controller.start()
@@ -85,7 +89,10 @@ class DashboardFleet:
                     "1",
                 ],
                 log_path=self.work / f"{device_id}.log",
-                env={"SPILLWAY_EDGE_TELEMETRY_INTERVAL_S": "1"},
+                env={
+                    "SPILLWAY_EDGE_TELEMETRY_INTERVAL_S": "1",
+                    "SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(public_path(key_path))]),
+                },
             )
             agent.start()
             self.agents.append(agent)
