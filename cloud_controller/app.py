@@ -1,8 +1,10 @@
 """The controller's FastAPI app factory.
 
 ``create_app(settings)`` builds an app whose lifespan creates the engine, migrates the
-schema to head, starts the MQTT bridge and stops it again; nothing is built at import
-time. Domain errors become HTTP statuses here and only here.
+schema to head, makes sure the bootstrap admin token exists (``admin_token``), starts the
+MQTT bridge and stops it again; nothing is built at import time. Domain errors become HTTP
+statuses here and only here. Every request gets a request id (``request_ids``) and a body
+limit (``body_limits``); every route but health, metrics and the docs needs a token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from cloud_controller import (
+    audit_api,
+    body_limits,
     dashboard,
     devices_api,
     fleet,
@@ -26,18 +30,25 @@ from cloud_controller import (
     models_api,
     policies_api,
     queries,
+    request_ids,
     results_api,
     rollouts_api,
+    tokens_api,
 )
 from cloud_controller.artifacts import ArtifactStore
+from cloud_controller.auth import Role, tokens
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import Clock, system_clock
 from cloud_controller.database import DatabaseError, make_engine, migrate, one_line
 from cloud_controller.errors import (
     DesiredNotPublished,
     DeviceNotFound,
+    NotAuthenticated,
+    PermissionDenied,
     RegistryError,
     ResultNotFound,
+    TokenConflict,
+    TokenNotFound,
 )
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.pool.gateway import PoolClient, pool_router
@@ -62,6 +73,14 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
         engine = make_engine(settings.database_url)
         try:
             migrate(engine)
+            if settings.admin_token is not None:
+                tokens.ensure(
+                    engine,
+                    secret=settings.admin_token.get_secret_value(),
+                    role=Role.ADMIN,
+                    name=tokens.BOOTSTRAP_NAME,
+                    now=clock(),
+                )
             metrics = ControllerMetrics()
             bridge = Bridge(settings=settings, engine=engine, metrics=metrics, clock=clock)
             store = ArtifactStore(settings.artifact_dir)
@@ -154,7 +173,21 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
     app.include_router(rollouts_api.router)
     app.include_router(fleet_api.router)
     app.include_router(dashboard.router)
+    app.include_router(tokens_api.router)
+    app.include_router(tokens_api.me_router)
+    app.include_router(audit_api.router)
     _map_errors(app)
+
+    def body_limit(method: str, path: str) -> int:
+        return body_limits.limit_for(
+            method,
+            path,
+            max_request_body_bytes=settings.max_request_body_bytes,
+            max_upload_bytes=settings.max_upload_bytes,
+        )
+
+    app.add_middleware(body_limits.BodyLimitMiddleware, limit=body_limit)
+    app.add_middleware(request_ids.RequestIdMiddleware)  # outermost: a 413 carries the id too
     return app
 
 
@@ -162,6 +195,24 @@ def _map_errors(app: FastAPI) -> None:
     @app.exception_handler(DeviceNotFound)
     async def not_found(request: Request, exc: DeviceNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(NotAuthenticated)
+    async def not_authenticated(request: Request, exc: NotAuthenticated) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    @app.exception_handler(PermissionDenied)
+    async def forbidden(request: Request, exc: PermissionDenied) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(TokenNotFound)
+    async def token_not_found(request: Request, exc: TokenNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(TokenConflict)
+    async def token_conflict(request: Request, exc: TokenConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(ResultNotFound)
     async def result_not_found(request: Request, exc: ResultNotFound) -> JSONResponse:

@@ -27,7 +27,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -90,11 +90,7 @@ def _as_pattern(topic: str) -> str:
 
 def _artifact_chunks_filter(topics: Topics) -> str:
     """Every artifact's chunk broadcast topic (``{root}/artifacts/+/chunks``)."""
-    builder = getattr(topics, "artifact_chunks", None)
-    if builder is None:  # protocol.topics without the broadcast topic yet
-        return f"{topics.root}/artifacts/+/chunks"
-    topic: str = builder(_PLACEHOLDER_SHA)
-    return topic.replace(_PLACEHOLDER_SHA, "+")
+    return topics.artifact_chunks(_PLACEHOLDER_SHA).replace(_PLACEHOLDER_SHA, "+")
 
 
 def device_grants(topics: Topics) -> list[Grant]:
@@ -258,7 +254,9 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def write_password_file(path: Path, entries: Mapping[str, str]) -> None:
-    _write_private(path, "".join(f"{user}:{encoded}\n" for user, encoded in sorted(entries.items())))
+    _write_private(
+        path, "".join(f"{user}:{encoded}\n" for user, encoded in sorted(entries.items()))
+    )
 
 
 @dataclass(frozen=True)
@@ -282,7 +280,7 @@ class BrokerAuthDir:
     """
 
     directory: Path
-    topics: Topics = Topics()
+    topics: Topics = field(default_factory=Topics)
     controller_user: str = CONTROLLER_USER
     pool_user: str = POOL_USER
 

@@ -105,7 +105,9 @@ def mqtt_user(
         list[str], typer.Argument(help="Device ids, or the controller's/pool's username.")
     ],
     directory: MqttDirOption = Path("var/mqtt"),
-    role: Annotated[Role, typer.Option(help="What the identity is; decides its ACL.")] = Role.DEVICE,
+    role: Annotated[
+        Role, typer.Option(help="What the identity is; decides its ACL.")
+    ] = Role.DEVICE,
     topic_root: Annotated[str, typer.Option(help="First levels of every topic.")] = DEFAULT_ROOT,
     show: Annotated[
         bool,
@@ -124,9 +126,7 @@ def mqtt_user(
     auth = BrokerAuthDir(directory, Topics(topic_root))
     try:
         for username in usernames:  # validate all before changing anything
-            validate_username(
-                username, role, cloud_users=(auth.controller_user, auth.pool_user)
-            )
+            validate_username(username, role, cloud_users=(auth.controller_user, auth.pool_user))
         issued = [auth.issue(username, role) for username in usernames]
     except CredentialError as exc:
         raise typer.BadParameter(str(exc), param_hint="USERNAMES") from exc

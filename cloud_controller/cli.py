@@ -1,9 +1,11 @@
-"""``spillway controller ...``: serve the controller, or migrate its database.
+"""``spillway controller ...``: serve the controller, migrate its database, make tokens.
 
 ``serve`` builds ``CloudSettings`` (options override the environment), configures JSON
 logs, and runs every start-up check before serving; a failed check prints one line,
 ``spillway controller: <problem>``, to stderr and exits 2 without a traceback. FastAPI,
 SQLAlchemy and uvicorn are imported only after the package check has passed.
+``token create`` works straight on the database (no running controller, no token needed):
+it is how a real deployment gets its first admin token. It prints the secret once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ controller_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+token_app = typer.Typer(
+    help="API tokens, straight in the database (to bootstrap a deployment).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+controller_app.add_typer(token_app, name="token")
 
 _CLOUD_PACKAGES = (
     "fastapi",
@@ -131,7 +140,9 @@ def serve(
     import uvicorn
 
     from cloud_controller.app import create_app
+    from cloud_controller.request_ids import install_log_field
 
+    install_log_field()
     uvicorn.run(
         create_app(settings),
         host=settings.http_host,
@@ -165,3 +176,50 @@ def migrate(
     finally:
         engine.dispose()
     typer.echo("database schema is at head")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="What the token is for, e.g. ci-deploy.")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Create an API token and print its secret (shown this once; only its hash is kept)."""
+    try:
+        settings = build_settings(database_url=database_url)
+        configure_json_logging("controller", level="WARNING")
+        run_checks([packages_present(*_CLOUD_PACKAGES, extra="cloud")])
+    except PreflightError as exc:
+        _fail(str(exc))
+
+    from datetime import UTC, datetime
+
+    from pydantic import ValidationError
+    from sqlmodel import Session
+
+    from cloud_controller.auth import Role, tokens
+    from cloud_controller.database import DatabaseError, make_engine
+    from cloud_controller.database import migrate as upgrade
+
+    try:
+        body = tokens.TokenCreate.model_validate({"name": name, "role": role})
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        _fail(f"bad token: {problems}")
+    engine = make_engine(settings.database_url)
+    try:
+        upgrade(engine)
+        with Session(engine) as session:
+            row, secret = tokens.create(
+                session, name=body.name, role=Role(body.role), now=datetime.now(UTC)
+            )
+            session.commit()
+            token_id = row.id
+    except DatabaseError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    typer.echo(f"created {body.role} token {body.name!r} (id {token_id}); shown once:", err=True)
+    typer.echo(secret)  # alone on stdout: TOKEN=$(spillway controller token create ...)

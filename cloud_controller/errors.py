@@ -5,6 +5,10 @@ ControllerError            base class
 ├── ResultNotFound         permanent: no stored result for that request id (404)
 ├── DesiredNotPublished    temporary: stored, but the broker client refused it (503);
 │                          the bridge republishes every desired state on reconnect
+├── NotAuthenticated       permanent: no, an unknown or a revoked API token (401)
+├── PermissionDenied       permanent: the token's role is below the route's (403)
+├── TokenNotFound          permanent: no API token with that id (404)
+├── TokenConflict          permanent: already revoked, or the last admin token (409)
 └── RegistryError          the model registry refused a request
     ├── ModelNotFound      permanent: no such model, version or variant (404)
     ├── ModelConflict      permanent: the registry's state forbids it - already
@@ -118,3 +122,21 @@ class PolicyConflict(PolicyError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="conflict")
+
+
+class NotAuthenticated(ControllerError):
+    """No usable bearer token; answered 401 with ``WWW-Authenticate: Bearer``."""
+
+
+class PermissionDenied(ControllerError):
+    """The token is valid but its role is below the one the route needs (403)."""
+
+
+class TokenNotFound(ControllerError, LookupError):
+    def __init__(self, token_id: int) -> None:
+        super().__init__(f"API token {token_id} not found")
+        self.token_id = token_id
+
+
+class TokenConflict(ControllerError):
+    """The token's state forbids the change (409)."""

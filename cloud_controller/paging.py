@@ -1,10 +1,19 @@
-"""What the list routes share: 422s shaped like FastAPI's own, and the page-size cap."""
+"""What the list routes share: 422s shaped like FastAPI's own, the page and its size."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fastapi import Query
 from fastapi.exceptions import RequestValidationError
 
 from cloud_controller.settings import CloudSettings
+
+MAX_PAGE = 1_000_000
+"""Highest page number a list accepts: keeps ``OFFSET`` within every database's range."""
+
+Page = Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number")]
+PageSize = Annotated[int, Query(ge=1, description="items per page, at most max_page_size")]
 
 
 def query_error(name: str, message: str, value: object) -> RequestValidationError:

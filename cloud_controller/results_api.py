@@ -3,7 +3,7 @@
 Routes are short: they check the query, call ``queries`` and return ``*Public`` models;
 ``ResultNotFound`` is mapped to 404 in ``app.py``. Embeddings are shown as lists of floats
 (one list per text); a single result includes them unless asked not to, a list leaves
-them out unless asked to, so pages stay small.
+them out unless asked to, so pages stay small. Every route needs a viewer token.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from cloud_controller import queries
+from cloud_controller.auth import ViewerDep
 from cloud_controller.deps import SessionDep, SettingsDep
 from cloud_controller.entities import ResultPage, ResultPublic
-from cloud_controller.paging import check_page_size, query_error
+from cloud_controller.paging import Page, PageSize, check_page_size, query_error
 
 router = APIRouter(prefix="/api/v1/results", tags=["results"])
 
@@ -31,13 +32,14 @@ def _aware(name: str, value: datetime | None) -> datetime | None:
 
 @router.get("", response_model=ResultPage)
 def list_results(
+    principal: ViewerDep,
     session: SessionDep,
     settings: SettingsDep,
-    device_id: str | None = None,
+    device_id: Annotated[str | None, Query(max_length=64)] = None,
     since: Annotated[datetime | None, Query(description="served_at >= since")] = None,
     until: Annotated[datetime | None, Query(description="served_at < until")] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1)] = 50,
+    page: Page = 1,
+    page_size: PageSize = 50,
     include_embeddings: bool = False,
 ) -> ResultPage:
     check_page_size(page_size, settings)
@@ -57,6 +59,9 @@ def list_results(
 
 @router.get("/{request_id}", response_model=ResultPublic)
 def get_result(
-    request_id: str, session: SessionDep, include_embeddings: bool = True
+    request_id: Annotated[str, Path(min_length=1, max_length=128)],
+    principal: ViewerDep,
+    session: SessionDep,
+    include_embeddings: bool = True,
 ) -> ResultPublic:
     return queries.get_result(session, request_id, include_embeddings=include_embeddings)

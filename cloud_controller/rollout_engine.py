@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from cloud_controller import registry
+from cloud_controller import audit, registry
 from cloud_controller.assignments import model_section
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import Clock
@@ -86,6 +86,9 @@ from cloud_controller.settings import CloudSettings
 from protocol.messages import MODEL_POLICY_KEY, QUALITY_SAMPLE_SHARE_KEY, ApplyOutcome
 
 logger = logging.getLogger(__name__)
+
+ENGINE_ACTOR = "rollout-engine"
+"""The audit log's actor of the transitions the engine makes on its own."""
 
 DevState = RolloutDeviceState
 
@@ -393,7 +396,7 @@ class RolloutEngine:
         with Session(self._engine) as session:
             return self._public(session, self._get(session, rollout_id))
 
-    def list(
+    def list_rollouts(
         self, *, state: RolloutState | None, page: int, page_size: int
     ) -> tuple[list[RolloutSummary], int]:
         with Session(self._engine) as session:
@@ -549,11 +552,30 @@ class RolloutEngine:
             self.steps += 1
 
     def _touch(self, session: Session, rollout: Rollout, **changes: Any) -> None:
+        """Change the rollout and commit; a change of state or wave is audited with it."""
         for key, value in changes.items():
             setattr(rollout, key, value)
         rollout.updated_at = self._clock()
         session.add(rollout)
+        if "state" in changes or "current_wave" in changes:
+            self._audit(session, rollout, f"rollout.{rollout.state}", wave=rollout.current_wave)
         session.commit()
+
+    def _audit(self, session: Session, rollout: Rollout, action: str, **detail: Any) -> None:
+        """An audit row for a transition the engine made on its own (committed with it)."""
+        assert rollout.id is not None
+        if rollout.reason:
+            detail.setdefault("reason", rollout.reason)
+        audit.record(
+            session,
+            ENGINE_ACTOR,
+            action,
+            "rollout",
+            rollout.id,
+            audit.Outcome.SUCCESS,
+            detail,
+            now=self._clock(),
+        )
 
     def _advance(self, session: Session, rollout: Rollout) -> None:
         assert rollout.id is not None
@@ -617,12 +639,16 @@ class RolloutEngine:
         if report.verdict is Verdict.PASS:
             wave.state = WaveState.PASSED
             session.add(wave)
+            self._audit(session, rollout, "rollout.wave_passed", wave=wave.index)
             session.commit()
             logger.info("rollout wave passed", extra={"rollout": rollout.id, "wave": wave.index})
             return
         if report.verdict is Verdict.FAIL:
             wave.state = WaveState.FAILED
             session.add(wave)
+            self._audit(
+                session, rollout, "rollout.wave_failed", wave=wave.index, gates=wave.gate_results
+            )
             session.commit()
             self._gate_failed(session, rollout, wave, report)
             return

@@ -20,6 +20,9 @@ from protocol.topics import DEFAULT_ROOT
 from protocol.transfer import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from spillway.preflight import check_mqtt_credentials
 
+ADMIN_TOKEN_MIN_CHARS = 20
+"""Shortest ``admin_token`` accepted: a bootstrap secret must not be guessable."""
+
 WATCH_VARIANTS = ("fp32-onnx", "int8-onnx", "fp16-onnx")
 """Variants built from a dropped FP32 ONNX file (a ``.pt`` file gives ``fp32-torchscript``)."""
 
@@ -99,6 +102,15 @@ class CloudSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Threshold of the JSON logs written to stderr."""
 
+    # -- authentication and limits --------------------------------------------------------
+    admin_token: SecretStr | None = None
+    """An admin API token's secret (``SPILLWAY_ADMIN_TOKEN``, at least 20 characters) that
+    the controller makes sure exists at start, to bootstrap a deployment; a revoked one
+    stays revoked. None: tokens only come from the CLI or ``POST /api/v1/tokens``."""
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    """Largest request body in bytes, model uploads aside (their limit follows
+    ``max_upload_bytes``); larger ones get a 413 before the body is read."""
+
     # -- model registry -------------------------------------------------------------------
     artifact_dir: Path = Path("var/artifacts")
     """Content-addressed artifact store (``<dir>/<sha[:2]>/<sha>``); created when needed."""
@@ -159,6 +171,16 @@ class CloudSettings(BaseSettings):
     rollout_memory_overhead: float = Field(default=2.0, ge=1)
     """Memory a variant needs as a multiple of its artifact size (weights, arena,
     activations)."""
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"admin_token must be at least {ADMIN_TOKEN_MIN_CHARS} characters "
+                "(e.g. the output of `openssl rand -base64 32`)"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

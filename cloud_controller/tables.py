@@ -2,6 +2,7 @@
 them all (the migrations' env and the schema tests import this, not the modules one by one).
 """
 
-from cloud_controller import entities, policy_entities, rollout_entities
+from cloud_controller import audit, entities, policy_entities, rollout_entities
+from cloud_controller.auth import tokens
 
-__all__ = ["entities", "policy_entities", "rollout_entities"]
+__all__ = ["audit", "entities", "policy_entities", "rollout_entities", "tokens"]

@@ -76,6 +76,7 @@ _HEADER_ALLOWANCE = 20 * 1024
 _POLL_S = 0.2
 """Longest wait between checks of the cancel flag."""
 
+
 class PullClient(BrokerClient, Protocol):
     """A broker client that can also stop listening (``protocol.mqtt.MqttClient``)."""
 
@@ -346,6 +347,8 @@ class ChunkPuller:
                 if not listening.subscribed:
                     self._listen(listening)
                 limit = 1 if size is None else settings.window
+                if not self._answers.empty():
+                    limit = 0  # take what has come first: it may be what it would ask for
                 cursor = max(cursor, verified)
                 while len(pending) < limit and not (size is None and pending):
                     while cursor in done or cursor in asked:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
@@ -25,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.clock import Clock
 from edge_agent.serving import EmbedOutcome, EmbedRequest, ServingError, ServingRuntime
@@ -73,9 +74,9 @@ def outcome_json(outcome: EmbedOutcome) -> dict[str, Any]:
     }
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _validation_message(errors: Sequence[Any]) -> str:
     parts = []
-    for error in exc.errors()[:3]:
+    for error in list(errors)[:3]:
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts)
@@ -84,15 +85,25 @@ def _validation_message(exc: RequestValidationError) -> str:
 def create_app(runtime: ServingRuntime, *, clock: Clock) -> FastAPI:
     app = FastAPI(title="Spillway edge agent", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    def invalid_body(errors: Sequence[Any]) -> JSONResponse:
         return JSONResponse(
-            {"status": InferStatus.INVALID.value, "detail": _validation_message(exc)},
+            {"status": InferStatus.INVALID.value, "detail": _validation_message(errors)},
             status_code=422,
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid_body(exc.errors())
+
     @app.post("/v1/embed")
-    async def embed(body: EmbedBody) -> Response:
+    async def embed(request: Request) -> Response:
+        # Parsed and validated in one pass by pydantic-core straight from the bytes, not
+        # json.loads + FastAPI's body machinery + a second validation: this is on every
+        # request's path.
+        try:
+            body = EmbedBody.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return invalid_body(exc.errors())
         deadline = None
         if body.deadline_ms is not None:
             deadline = clock.monotonic() + body.deadline_ms / 1000.0

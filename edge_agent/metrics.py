@@ -120,6 +120,8 @@ class ServingMetrics:
         self._batches: deque[int] = deque(maxlen=256)
         self._extra: list[Callable[[], dict[str, float]]] = []
         self._refreshers: list[Callable[[], None]] = []
+        self._counts: dict[tuple[str, str], Counter] = {}
+        self._latencies: dict[str, Histogram] = {}
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """``refresh()`` sets gauges right before every ``scrape()``."""
@@ -132,9 +134,17 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
     def observe_request(self, *, status: str, tier: str, latency_s: float) -> None:
-        self.requests.labels(status=status, tier=tier).inc()
+        # ``labels()`` checks and hashes its arguments under a lock on every call: the
+        # children are looked up once per label set (a racing duplicate is the same child).
+        count = self._counts.get((status, tier))
+        if count is None:
+            count = self._counts[status, tier] = self.requests.labels(status=status, tier=tier)
+        count.inc()
         if status == "ok":
-            self.latency.labels(tier=tier).observe(latency_s)
+            latency = self._latencies.get(tier)
+            if latency is None:
+                latency = self._latencies[tier] = self.latency.labels(tier=tier)
+            latency.observe(latency_s)
             with self._lock:
                 self._window.append(latency_s * 1000.0)
 

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from protocol.mqtt import InboundMessage, MqttClient, MqttSettings
 from protocol.topics import QoS
 from protocol.transfer import DEFAULT_CHUNK_BYTES
 from sim.broker import MosquittoBroker, free_port
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +119,14 @@ def _raw_fanout(
 
         return on
 
+    ready = [threading.Event() for _ in range(agents)]
     for i in range(agents):
         client = MqttClient(
             MqttSettings(host=broker.host, port=broker.port, client_id=f"fan-{i}-{topic[-8:]}")
         )
         client.subscribe(topic, handler(i), qos=QoS.AT_LEAST_ONCE)
+        # Subscribed after ``topic``: a probe seen here proves ``topic``'s SUBACK.
+        client.subscribe(f"{topic}/ready", _setter(ready[i]), qos=QoS.AT_MOST_ONCE)
         client.start()
         subscribers.append(client)
     publisher = MqttClient(
@@ -133,11 +137,16 @@ def _raw_fanout(
         for c in [*subscribers, publisher]:
             if not c.wait_connected(20):
                 raise RuntimeError("fan-out client did not connect")
-        time.sleep(0.5)  # SUBACKs
+        deadline = time.monotonic() + 60
+        while not all(e.is_set() for e in ready):  # every subscription in place
+            if time.monotonic() > deadline:
+                raise RuntimeError("fan-out subscribers did not subscribe")
+            publisher.publish(f"{topic}/ready", b"", qos=QoS.AT_LEAST_ONCE)
+            time.sleep(0.1)
         started = time.perf_counter()
         for offset in range(0, len(data), chunk_bytes):
             publisher.publish(topic, data[offset : offset + chunk_bytes], qos=QoS.AT_LEAST_ONCE)
-        if not done.wait(600):
+        if not done.wait(300):
             raise RuntimeError("raw fan-out did not complete")
         elapsed = time.perf_counter() - started
         if failed:
@@ -148,6 +157,24 @@ def _raw_fanout(
             c.stop()
         for fd in files:
             os.close(fd)
+
+
+_CONTROLLER_COUNTERS = {
+    "spillway_transfer_chunks_total": "controller_chunk_publishes",
+    "spillway_transfer_coalesced_total": "controller_requests_coalesced",
+    "spillway_transfer_busy_total": "controller_busy_answers",
+}
+_AGENT_COUNTERS = {
+    "model_chunk_requests": "agent_chunk_requests",
+    "model_chunks_verified": "agent_chunks_answered",
+    "model_chunks_unasked": "agent_chunks_unasked",
+    "model_chunk_retries": "agent_chunk_retries",
+    "model_chunk_busy": "agent_busy_answers",
+}
+
+
+def _setter(event: threading.Event) -> Callable[[InboundMessage], None]:
+    return lambda _message: event.set()
 
 
 def _resigned(variant_dir: Path, key: SigningKey) -> bytes:
@@ -166,11 +193,12 @@ def _delivery(
     chunk_bytes: int,
     transfer_workers: int,
     window: int,
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     key = SigningKey.generate()
     key_path = work / "keys" / "signing.key"
     save_signing_key(key, key_path)
     port = free_port()
+    admin_token = new_admin_token()
     controller = ChildProcess(
         "controller",
         [
@@ -192,9 +220,12 @@ def _delivery(
             "SPILLWAY_MAX_CONCURRENT_TRANSFERS": str(agents),
             "SPILLWAY_TRANSFER_QUEUE_MAX": str(max(256, agents * 8)),
             "SPILLWAY_TRANSFER_WORKERS": str(transfer_workers),
+            ADMIN_TOKEN_ENV: admin_token,
         },
     )
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=120, headers=bearer(admin_token)
+    )
     fleet: list[Agent] = []
     controller.start()
     try:
@@ -274,7 +305,17 @@ def _delivery(
                 if status.state == "active" and status.variant == "int8-onnx":
                     active.setdefault(name, now)
             time.sleep(0.01)
-        return max(downloaded.values()), max(active.values())
+        counts: dict[str, float] = {}
+        for line in http.get("/metrics").text.splitlines():
+            metric, _, text = line.partition(" ")
+            if metric in _CONTROLLER_COUNTERS:
+                counts[_CONTROLLER_COUNTERS[metric]] = float(text)
+        for agent in fleet:
+            for counter, count in agent.counters().items():
+                if counter in _AGENT_COUNTERS:
+                    label = _AGENT_COUNTERS[counter]
+                    counts[label] = counts.get(label, 0) + count
+        return max(downloaded.values()), max(active.values()), counts
     finally:
         for agent in fleet:
             agent.stop()
@@ -312,7 +353,7 @@ def bench_rollout(
             console.print(
                 f"  {receiver_s:.2f} s; delivery to {agents} agents through the controller"
             )
-            downloaded_s, active_s = _delivery(
+            downloaded_s, active_s, counts = _delivery(
                 broker,
                 variant_dir,
                 work,
@@ -336,6 +377,7 @@ def bench_rollout(
         "ratio_downloaded": round(ratio, 3),
         "ratio_active": round(active_s / raw_s, 3),
         "ratio_downloaded_vs_receiver": round(downloaded_s / receiver_s, 3),
+        "counts": counts,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "target_ratio": TARGET_RATIO,
         "met": ratio <= TARGET_RATIO,

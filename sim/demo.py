@@ -21,7 +21,7 @@ import httpx
 
 from models.signing import load_or_create_signing_key, public_path
 from sim.broker import MosquittoBroker, free_port
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 from sim.profiles import profile_for
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
         db.unlink(missing_ok=True)  # every demo starts with a fresh fleet
         key_path = work / "keys" / "signing.key"
         load_or_create_signing_key(key_path)  # agents trust its public half for desired state
+        admin_token = new_admin_token()
         controller = ChildProcess(
             "controller",
             [
@@ -115,11 +116,11 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None]) -> DemoRepor
                 f"sqlite:///{db}",
             ],
             log_path=work / "logs" / "controller.log",
-            env={"SPILLWAY_SIGNING_KEY_PATH": str(key_path)},
+            env={"SPILLWAY_SIGNING_KEY_PATH": str(key_path), ADMIN_TOKEN_ENV: admin_token},
         )
         controller.start()
         children.append(controller)
-        http = httpx.Client(base_url=url, timeout=5.0)
+        http = httpx.Client(base_url=url, timeout=5.0, headers=bearer(admin_token))
         _poll(
             "the controller to be ready",
             lambda: http.get("/readyz").status_code == 200,

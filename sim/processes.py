@@ -1,16 +1,32 @@
 """Child processes of the demo and simulator: started with their logs in files, stopped politely.
 
 Each child is a real ``spillway`` process (controller, agent) so the demo exercises
-exactly what a deployment runs.
+exactly what a deployment runs. A controller started here gets a fresh bootstrap admin
+token through its environment (``ADMIN_TOKEN_ENV``); REST clients send it with
+``bearer(token)``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+ADMIN_TOKEN_ENV = "SPILLWAY_ADMIN_TOKEN"
+"""The controller setting that makes sure an admin token with this secret exists."""
+
+
+def new_admin_token() -> str:
+    """A fresh secret for a controller's bootstrap admin token."""
+    return "spw_" + secrets.token_urlsafe(32)
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The header that authenticates a REST request."""
+    return {"Authorization": f"Bearer {token}"}
 
 
 def terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> int:
@@ -32,7 +48,8 @@ class ChildProcess:
         self.name = name
         self.args = args
         self.log_path = log_path
-        self._env = env
+        self.env = env
+        """Added to this process's environment at ``start``."""
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -42,7 +59,7 @@ class ChildProcess:
             [sys.executable, "-m", "spillway", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self._env},
+            env={**os.environ, **self.env},
         )
         log.close()
 

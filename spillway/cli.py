@@ -22,12 +22,14 @@ def _mount() -> None:
     from cloud_controller.certs_cli import certs_app
     from cloud_controller.cli import controller_app
     from cloud_controller.pool.cli import pool_app
+    from cloud_controller.rollout_cli import rollout_app
     from edge_agent.cli import agent_app
     from sim.cli import register as register_sim
 
     app.add_typer(controller_app, name="controller")
     app.add_typer(pool_app, name="pool")
     app.add_typer(certs_app, name="certs")
+    app.add_typer(rollout_app, name="rollout")
     app.add_typer(agent_app, name="agent")
     register_sim(app, bench_app)
     try:

@@ -5,8 +5,9 @@ Clients without a device send texts to the controller; the controller publishes 
 correlation data) to the pool's shared queue and waits for the ``InferResponse``. It also
 reads the retained ``PoolStatus`` and refuses at once (429) while the pool is not accepting.
 
-Authentication is not here yet (a later issue); whoever mounts ``pool_router`` puts a
-``PoolClient`` on ``app.state.pool_client`` and starts it in the lifespan.
+``POST /api/v1/embed`` needs a viewer token (``ViewerDep``): it changes no state, it only
+reads an answer. Whoever mounts ``pool_router`` puts a ``PoolClient`` on
+``app.state.pool_client`` and starts it in the lifespan.
 
 Errors a caller of ``PoolClient.embed`` gets::
 
@@ -29,6 +30,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud_controller.auth import ViewerDep
 from protocol.codec import DecodeError, RejectCounter, decode, encode
 from protocol.inference import MAX_TEXT_CHARS, MAX_TEXTS, InferRequest, InferResponse, InferStatus
 from protocol.inference import PoolStatus as PoolStatusMessage
@@ -225,7 +227,7 @@ pool_router = APIRouter(prefix="/api/v1", tags=["pool"])
 
 
 @pool_router.post("/embed", response_model=EmbedOut)
-async def embed(body: EmbedIn, pool: PoolClientDep) -> EmbedOut:
+async def embed(body: EmbedIn, principal: ViewerDep, pool: PoolClientDep) -> EmbedOut:
     """Embed texts in the cloud pool (full-precision tensor-parallel MiniLM)."""
     try:
         response = await pool.embed(

@@ -80,6 +80,8 @@ def test_bad_input_is_422_with_a_message(serving_agent: AgentFactory) -> None:
         r = post_embed(port, body)
         assert r.status_code == 422, (body, r.text)
         assert r.json()["status"] == "invalid" and needle in r.json()["detail"], r.json()
+    garbage = httpx.post(f"http://127.0.0.1:{port}/v1/embed", content=b"{not json")
+    assert garbage.status_code == 422 and "JSON" in garbage.json()["detail"], garbage.text
 
 
 def test_a_full_queue_answers_429_and_expired_requests_504_without_computing(

@@ -18,6 +18,7 @@ from tests.controller.helpers import (
     Controller,
     ManualClock,
     SimAgent,
+    bearer,
     settings_for,
     wait_subscribed,
 )
@@ -44,7 +45,8 @@ def test_models() -> Path:
 @pytest.fixture
 def make_controller(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Callable[..., Controller]]:
     """``make_controller(database_url, clock=None, **settings)``: a started app, connected to
-    the broker; its artifact store and signing key live under ``tmp_path``."""
+    the broker; its artifact store and signing key live under ``tmp_path``. Its ``http``
+    client is admin; ``controller.client(role)`` gives a client of any role."""
     stack: list[TestClient] = []
 
     def make(
@@ -55,7 +57,8 @@ def make_controller(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Callabl
         settings = settings_for(broker, database_url, **overrides)
         clock = clock or ManualClock()
         app = create_app(settings, clock=clock)
-        http = TestClient(app)
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        http = TestClient(app, headers=bearer(token) if token is not None else None)
         http.__enter__()
         stack.append(http)
         controller = Controller(app=app, http=http, clock=clock, settings=settings)

@@ -1,5 +1,7 @@
 """Helpers for the controller's tests: a settable clock, a simulated agent speaking the
-protocol through ``protocol.mqtt.MqttClient``, metric reading and polling."""
+protocol through ``protocol.mqtt.MqttClient``, metric reading and polling, and API tokens:
+a controller's ``http`` client is admin (``TEST_ADMIN_TOKEN``), ``client(role)`` gives one
+with a fresh token of any role."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlmodel import Session
 
+from cloud_controller.auth import Role, tokens
 from cloud_controller.bridge import Bridge
 from cloud_controller.settings import CloudSettings
 from protocol.codec import decode, encode
@@ -38,6 +42,13 @@ from protocol.messages import (
 from protocol.mqtt import InboundMessage, MqttClient, MqttSettings, Will
 from protocol.topics import DeviceChannel, QoS, Topics
 from sim.broker import MosquittoBroker
+
+TEST_ADMIN_TOKEN = "spw_test-admin-token-not-a-secret"
+"""The bootstrap admin token of every test controller (``settings_for``)."""
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
@@ -277,6 +288,23 @@ class Controller:
     def metric(self, name: str, **labels: str) -> float:
         return metric(self.http.get("/metrics").text, name, **labels)
 
+    def token(self, role: Role | str, *, name: str | None = None) -> str:
+        """A fresh token of ``role``, stored straight in the controller's database."""
+        role = Role(role)
+        with Session(self.app.state.runtime.engine) as session:
+            _, secret = tokens.create(
+                session, name=name or f"test-{role.value}", role=role, now=self.clock()
+            )
+            session.commit()
+        return secret
+
+    def client(self, role: Role | str | None = None, *, token: str | None = None) -> TestClient:
+        """A client of the running app that sends ``token``, or a fresh token of ``role``,
+        or no token at all when given neither."""
+        if token is None and role is not None:
+            token = self.token(role)
+        return TestClient(self.app, headers=bearer(token) if token is not None else None)
+
     def device(self, device_id: str) -> dict[str, Any]:
         response = self.http.get(f"/api/v1/devices/{device_id}")
         assert response.status_code == 200, response.text
@@ -291,6 +319,7 @@ class Controller:
 
 
 def settings_for(broker: MosquittoBroker, database_url: str, **overrides: Any) -> CloudSettings:
+    overrides.setdefault("admin_token", TEST_ADMIN_TOKEN)
     return CloudSettings(
         database_url=database_url,
         mqtt_host=broker.host,

@@ -105,7 +105,9 @@ def test_cloud_identities_get_what_they_use() -> None:
     assert allowed(pool, POOL_USER, TOPICS.pool_status(), Access.WRITE)
     assert allowed(pool, POOL_USER, f"{TOPICS.root}/pool/replicas/pool-0/load", Access.READWRITE)
     assert allowed(pool, POOL_USER, TOPICS.replies("edge-a"), Access.WRITE)
-    assert not allowed(pool, POOL_USER, TOPICS.device("edge-a", DeviceChannel.DESIRED), Access.WRITE)
+    assert not allowed(
+        pool, POOL_USER, TOPICS.device("edge-a", DeviceChannel.DESIRED), Access.WRITE
+    )
     assert not allowed(pool, POOL_USER, TOPICS.device("edge-a", DeviceChannel.RESULTS), Access.READ)
 
 

@@ -136,8 +136,10 @@ def test_agent_with_its_credentials_comes_online_at_a_controller_with_its_own(
         response.raise_for_status()
         generation = response.json()["generation"]
         wait_for(
-            lambda: (device("edge-a").get("reported") or {}).get("observed_generation")  # type: ignore[union-attr]
-            == generation,
+            lambda: (
+                (device("edge-a").get("reported") or {}).get("observed_generation")  # type: ignore[union-attr]
+                == generation
+            ),
             30,
             what="edge-a reports the new generation",
         )
@@ -145,9 +147,7 @@ def test_agent_with_its_credentials_comes_online_at_a_controller_with_its_own(
         assert device("edge-b") == {}
         assert good.exited() is None and impostor.exited() is None  # retrying, not crashed
         assert _password(auth_dir, "edge-a") not in (tmp_path / "edge-a.log").read_text()
-        assert _password(auth_dir, CONTROLLER_USER) not in (
-            tmp_path / "controller.log"
-        ).read_text()
+        assert _password(auth_dir, CONTROLLER_USER) not in (tmp_path / "controller.log").read_text()
     finally:
         for proc in (impostor, good, controller):
             proc.stop()

@@ -32,6 +32,8 @@ TABLES = {
     "rollouts",
     "rollout_waves",
     "rollout_devices",
+    "api_tokens",
+    "audit_log",
 }
 
 

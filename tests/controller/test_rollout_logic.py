@@ -87,7 +87,7 @@ def test_waves_interleave_classes_and_size_the_canary() -> None:
     waves = plan_waves(devices, WaveConfig(canary_share=0.2, wave_size=3))
     assert [len(w) for w in waves] == [2, 3, 3, 1]
     assert {"a0", "b0"} == set(waves[0])  # the canary holds both classes
-    assert sum(waves, []) == order
+    assert [d for wave in waves for d in wave] == order
 
 
 @pytest.mark.parametrize(

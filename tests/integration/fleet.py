@@ -12,7 +12,7 @@ import httpx
 
 from models.signing import load_or_create_signing_key, public_path
 from sim.broker import MosquittoBroker, free_port
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, *, what: str) -> float:
@@ -51,9 +51,16 @@ class Fleet:
             env={"SPILLWAY_SIGNING_KEY_PATH": str(self.key_path)},
         )
         self.agents: dict[str, ChildProcess] = {}
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=5)
+        self.admin_token = new_admin_token()
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.http_port}",
+            timeout=5,
+            headers=bearer(self.admin_token),
+        )
 
     def start_controller(self) -> None:
+        # Also when a subclass replaced ``self.controller``: the REST client is admin.
+        self.controller.env.setdefault(ADMIN_TOKEN_ENV, self.admin_token)
         self.controller.start()
         wait_for(lambda: self.http.get("/readyz").status_code == 200, 60, what="controller ready")
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from sim.profiles import profile_named
@@ -74,9 +76,9 @@ def test_simulated_model_sleeps_the_modelled_time_and_says_it_is_simulated() -> 
 def test_calibrate_measures_every_batch_size_with_the_given_embed() -> None:
     seen: list[int] = []
 
-    def embed(texts: list[str]) -> object:
+    def embed(texts: list[str]) -> np.ndarray[Any, np.dtype[np.float32]]:
         seen.append(len(texts))
-        return None
+        return np.zeros((len(texts), 1), dtype=np.float32)
 
     cal = calibrate(embed, [f"t{i}" for i in range(100)], variant="x", intra_op_threads=1,
                     batch_sizes=(1, 4, 16), repeats=3)  # fmt: skip
