@@ -24,6 +24,7 @@ from cloud_controller import (
     body_limits,
     dashboard,
     devices_api,
+    fleet,
     fleet_api,
     health_api,
     models_api,
@@ -106,11 +107,16 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
                 with Session(engine) as session:
                     return queries.count_by_status(session)
 
+            def rollouts_by_state() -> dict[str, int]:
+                with Session(engine) as session:
+                    return fleet.rollouts_by_state(session)
+
             metrics.watch(
                 devices_by_status=devices_by_status,
                 mqtt_connected=lambda: bridge.is_connected,
                 ingest_pending=lambda: bridge.pending,
                 transfers_active=lambda: chunks.active,
+                rollouts_by_state=rollouts_by_state,
             )
             app.state.runtime = Runtime(
                 settings=settings,

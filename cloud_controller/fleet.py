@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Mapped
 from sqlmodel import Session, SQLModel, col, select
 
 from cloud_controller.entities import Device, DeviceReported, Result, TelemetrySample
+from cloud_controller.rollout_entities import Rollout, RolloutState
 from protocol.messages import DeviceStatus
 
 LATENCY_EDGES_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -82,7 +85,7 @@ def _variant_expr() -> sa.ColumnElement[str]:
     return policy[("model", "variant")].as_string()
 
 
-def _bucket(session: Session, column: object, step_s: int) -> sa.ColumnElement[int]:
+def _bucket(session: Session, column: Mapped[datetime], step_s: int) -> sa.ColumnElement[Any]:
     """Whole ``step_s`` periods since the epoch of a UTC timestamp column, in the session's
     SQL dialect (SQLite stores timestamps as UTC text; integer division floors there)."""
     if session.get_bind().dialect.name == "postgresql":
@@ -141,6 +144,16 @@ def summary(session: Session, *, now: datetime, stale_after_s: float) -> FleetSu
     )
 
 
+def rollouts_by_state(session: Session) -> dict[str, int]:
+    """Rollouts by state (every state present, 0 when none): the ``spillway_rollouts`` gauge."""
+    counts = {state.value: 0 for state in RolloutState}
+    for state, count in session.exec(
+        select(col(Rollout.state), sa.func.count()).group_by(col(Rollout.state))
+    ).all():
+        counts[str(state)] = int(count)
+    return counts
+
+
 def _count(session: Session, *conditions: sa.ColumnElement[bool]) -> int:
     return int(session.exec(select(sa.func.count()).select_from(Device).where(*conditions)).one())
 
@@ -178,8 +191,8 @@ def rows(
     if flt.hardware_class is not None:
         conditions.append(col(Device.hardware_class) == flt.hardware_class)
     total = _count(session, *conditions)
-    found = session.exec(
-        select(
+    found = session.execute(
+        sa.select(
             col(Device.id),
             col(Device.status),
             col(Device.hardware_class),
@@ -255,8 +268,10 @@ def series(session: Session, *, now: datetime, window_s: int, step_s: int) -> Fl
     ).all()
     by_bucket: dict[int, tuple[int, int, list[int]]] = {}
     for row in result_rows:
-        key, count, cloud_count, *cumulative = row
-        by_bucket[int(key)] = (int(count), int(cloud_count or 0), [int(c or 0) for c in cumulative])
+        values: list[Any] = list(row)
+        key, count, cloud_count = values[:3]
+        under_edges = [int(c or 0) for c in values[3:]]
+        by_bucket[int(key)] = (int(count), int(cloud_count or 0), under_edges)
 
     t_bucket = _bucket(session, col(TelemetrySample.received_at), step_s)
     cpu = sa.type_coerce(col(TelemetrySample.metrics), sa.JSON)["cpu_percent"].as_float()

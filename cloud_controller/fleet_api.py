@@ -13,8 +13,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from cloud_controller import fleet
+from cloud_controller.auth import ViewerDep
 from cloud_controller.deps import RuntimeDep, SessionDep
-from cloud_controller.paging import check_page_size, query_error
+from cloud_controller.paging import Page, PageSize, check_page_size, query_error
 from protocol.messages import DeviceStatus
 
 router = APIRouter(prefix="/api/v1/fleet", tags=["fleet"])
@@ -24,19 +25,22 @@ MAX_BUCKETS = 720
 
 
 @router.get("/summary", response_model=fleet.FleetSummary)
-def get_summary(session: SessionDep, runtime: RuntimeDep) -> fleet.FleetSummary:
+def get_summary(
+    principal: ViewerDep, session: SessionDep, runtime: RuntimeDep
+) -> fleet.FleetSummary:
     return fleet.summary(session, now=runtime.clock(), stale_after_s=runtime.settings.stale_after_s)
 
 
 @router.get("/devices", response_model=fleet.FleetPage)
 def list_rows(
+    principal: ViewerDep,
     session: SessionDep,
     runtime: RuntimeDep,
     search: Annotated[str | None, Query(max_length=64)] = None,
     status: DeviceStatus | None = None,
-    hardware_class: str | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1)] = 50,
+    hardware_class: Annotated[str | None, Query(max_length=64)] = None,
+    page: Page = 1,
+    page_size: PageSize = 50,
 ) -> fleet.FleetPage:
     check_page_size(page_size, runtime.settings)
     return fleet.rows(
@@ -51,6 +55,7 @@ def list_rows(
 
 @router.get("/series", response_model=fleet.FleetSeries)
 def get_series(
+    principal: ViewerDep,
     session: SessionDep,
     runtime: RuntimeDep,
     window_s: Annotated[int, Query(ge=10, le=86_400)] = 300,

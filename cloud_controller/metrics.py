@@ -17,6 +17,7 @@ from protocol.messages import DeviceStatus
 
 _PENDING_HELP = "Accepted MQTT messages waiting to be written to the database."
 _ACTIVE_HELP = "Devices currently counted as transferring an artifact (bounded)."
+_ROLLOUTS_HELP = "Rollouts by state (pending, running, paused, rolling_back, finished ones)."
 
 
 class _LiveCollector(Collector):
@@ -29,8 +30,10 @@ class _LiveCollector(Collector):
         mqtt_connected: Callable[[], bool],
         ingest_pending: Callable[[], int],
         transfers_active: Callable[[], int],
+        rollouts_by_state: Callable[[], Mapping[str, int]],
     ) -> None:
         self._devices_by_status = devices_by_status
+        self._rollouts_by_state = rollouts_by_state
         self._mqtt_connected = mqtt_connected
         self._ingest_pending = ingest_pending
         self._transfers_active = transfers_active
@@ -42,6 +45,7 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("spillway_mqtt_connected", "1 while the bridge is connected.")
         yield GaugeMetricFamily("spillway_ingest_pending", _PENDING_HELP)
         yield GaugeMetricFamily("spillway_transfer_active", _ACTIVE_HELP)
+        yield GaugeMetricFamily("spillway_rollouts", _ROLLOUTS_HELP, labels=["state"])
 
     def collect(self) -> Iterator[Metric]:
         devices = GaugeMetricFamily(
@@ -65,6 +69,14 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "spillway_transfer_active", _ACTIVE_HELP, value=float(self._transfers_active())
         )
+        rollouts = GaugeMetricFamily("spillway_rollouts", _ROLLOUTS_HELP, labels=["state"])
+        try:
+            by_state = self._rollouts_by_state()
+        except Exception:  # a scrape must not fail because the database is down
+            by_state = {}
+        for state, count in by_state.items():
+            rollouts.add_metric([state], count)
+        yield rollouts
 
 
 class ControllerMetrics:
@@ -199,6 +211,7 @@ class ControllerMetrics:
         mqtt_connected: Callable[[], bool],
         ingest_pending: Callable[[], int],
         transfers_active: Callable[[], int] = lambda: 0,
+        rollouts_by_state: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """Register the scrape-time gauges (once, when the app starts)."""
         self.registry.register(
@@ -207,6 +220,7 @@ class ControllerMetrics:
                 mqtt_connected=mqtt_connected,
                 ingest_pending=ingest_pending,
                 transfers_active=transfers_active,
+                rollouts_by_state=rollouts_by_state,
             )
         )
 

@@ -65,9 +65,9 @@ function startForm(error) {
   const model = el("select", { id: "rollout-model", required: true, "aria-label": "Model" });
   const version = el("input", { id: "rollout-version", required: true, placeholder: "version", "aria-label": "Version" });
   const labels = el("input", { id: "rollout-labels", placeholder: "site=lab (blank: every device)", "aria-label": "Target labels" });
-  const canary = el("input", { id: "rollout-canary", type: "number", min: 0, max: 1, step: 0.05, value: 0.1, "aria-label": "Canary share" });
+  const canary = el("input", { id: "rollout-canary", type: "number", min: 0, max: 1, step: "any", value: 0.1, "aria-label": "Canary share" });
   const waveSize = el("input", { id: "rollout-wave-size", type: "number", min: 1, value: 10, "aria-label": "Wave size" });
-  const interval = el("input", { id: "rollout-interval", type: "number", min: 0, value: 60, "aria-label": "Observation seconds" });
+  const interval = el("input", { id: "rollout-interval", type: "number", min: 0, step: "any", value: 60, "aria-label": "Observation seconds" });
   const note = el("span", { class: "note", id: "rollout-note" });
   api("/api/v1/models", { params: { page_size: 200 } })
     .then((page) => {

@@ -12,12 +12,19 @@ from fastapi.testclient import TestClient
 
 from cloud_controller.app import create_app
 from sim.broker import MosquittoBroker
-from tests.controller.helpers import Controller, ManualClock, settings_for, wait_subscribed
+from tests.controller.helpers import (
+    Controller,
+    ManualClock,
+    bearer,
+    settings_for,
+    wait_subscribed,
+)
 
 
 @pytest.fixture
 def make_controller(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Callable[..., Controller]]:
-    """``make_controller(database_url, **settings)``: a started app on a ``ManualClock``."""
+    """``make_controller(database_url, **settings)``: a started app on a ``ManualClock``; its
+    ``http`` client is admin."""
     stack: list[TestClient] = []
 
     def make(database_url: str, **overrides: Any) -> Controller:
@@ -26,7 +33,8 @@ def make_controller(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Callabl
         settings = settings_for(broker, database_url, **overrides)
         clock = ManualClock()
         app = create_app(settings, clock=clock)
-        http = TestClient(app)
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        http = TestClient(app, headers=bearer(token) if token is not None else None)
         http.__enter__()
         stack.append(http)
         controller = Controller(app=app, http=http, clock=clock, settings=settings)

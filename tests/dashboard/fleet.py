@@ -4,25 +4,30 @@ the real MQTT ingest path) a thousand more registered devices."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 from pathlib import Path
 
 import httpx
 
+from models.signing import load_or_create_signing_key, public_path
 from protocol.codec import encode
 from protocol.messages import DeviceStatus, Hello, Presence, RuntimeCapabilities
 from protocol.mqtt import MqttClient, MqttSettings
 from protocol.topics import DeviceChannel, QoS, Topics
 from sim.broker import MosquittoBroker, free_port
 from sim.processes import ChildProcess
+from tests.controller.model_helpers import synthetic, upload
 from tests.integration.fleet import wait_for
 
 HARDWARE = ("jetson-orin-nx", "jetson-orin-nano", "rpi5")
 
 
 class DashboardFleet:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, models: Path) -> None:
         self.work = work
+        self.models = models
         self.broker = MosquittoBroker(work / "broker")
         self.admin_token = secrets.token_urlsafe(24)
         self.http_port = free_port()
@@ -36,6 +41,8 @@ class DashboardFleet:
         )
 
     def start(self, *, agents: int) -> None:
+        key_path = self.work / "keys" / "signing.key"
+        load_or_create_signing_key(key_path)  # agents trust its public half for desired state
         self.broker.start()
         self.controller = ChildProcess(
             "controller",
@@ -50,7 +57,12 @@ class DashboardFleet:
                 f"sqlite:///{self.work / 'controller.db'}",
             ],
             log_path=self.work / "controller.log",
-            env={"SPILLWAY_ADMIN_TOKEN": self.admin_token},
+            env={
+                "SPILLWAY_ADMIN_TOKEN": self.admin_token,
+                "SPILLWAY_TRUSTED_KEYS_DIR": str(self.models / "keys"),
+                "SPILLWAY_ARTIFACT_DIR": str(self.work / "artifacts"),
+                "SPILLWAY_SIGNING_KEY_PATH": str(key_path),
+            },
         )
         self.controller.start()
         wait_for(lambda: self.http.get("/readyz").status_code == 200, 60, what="controller")
@@ -77,7 +89,10 @@ class DashboardFleet:
                     "1",
                 ],
                 log_path=self.work / f"{device_id}.log",
-                env={"SPILLWAY_EDGE_TELEMETRY_INTERVAL_S": "1"},
+                env={
+                    "SPILLWAY_EDGE_TELEMETRY_INTERVAL_S": "1",
+                    "SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(public_path(key_path))]),
+                },
             )
             agent.start()
             self.agents.append(agent)
@@ -125,6 +140,21 @@ class DashboardFleet:
         finally:
             client.stop()
         return ids
+
+    def register_model(self, name: str, version: str) -> None:
+        """A small signed (synthetic) version of ``name`` through the real upload API."""
+        data = os.urandom(4096)
+        manifest = synthetic(
+            self.models,
+            data,
+            model_name=name,
+            model_version=version,
+            variant="fp32-onnx",
+            precision="fp32",
+        )
+        tokenizer = (self.models / "fp32-onnx" / "tokenizer.json").read_bytes()
+        response = upload(self.http, name, manifest, data, tokenizer=tokenizer)
+        assert response.status_code == 201, response.text
 
     def token(self, name: str, role: str) -> str:
         response = self.http.post("/api/v1/tokens", json={"name": name, "role": role})

@@ -171,3 +171,13 @@ def test_dashboard_files_are_served_with_validators(
     assert again.status_code == 304
     assert c.http.get("/dashboard/secrets.txt").status_code == 404
     assert c.http.get("/dashboard/..%2Fapp.py").status_code == 404
+
+
+def test_fleet_routes_need_a_viewer_token(
+    make_controller: Callable[..., Controller], tmp_path: object
+) -> None:
+    c = make_controller(f"sqlite:///{tmp_path}/a.db")
+    viewer, nobody = c.client("viewer"), c.client()
+    for path in ("/api/v1/fleet/summary", "/api/v1/fleet/devices", "/api/v1/fleet/series"):
+        assert nobody.get(path).status_code == 401, path
+        assert viewer.get(path).status_code == 200, path
