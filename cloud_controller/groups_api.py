@@ -27,7 +27,7 @@ def create_group(body: GroupCreate, principal: OperatorDep, runtime: RuntimeDep)
         runtime.engine, runtime.clock(), principal, "group.create", "group", body.name
     ) as (session, record):
         group = groups.create_group(session, body, now=runtime.clock())
-        record.update(group=body.model_dump())
+        record.update(group=body.model_dump(mode="json"))
     return _pushed(runtime, group)
 
 
@@ -49,7 +49,7 @@ def update_group(
         runtime.engine, runtime.clock(), principal, "group.update", "group", name
     ) as (session, record):
         group = groups.update_group(session, name, body, now=runtime.clock())
-        record.update(group=body.model_dump())
+        record.update(group=body.model_dump(mode="json"))
     return _pushed(runtime, group)
 
 

@@ -53,10 +53,6 @@ from protocol.policy import POLICY_KEY, PolicySection
 
 logger = logging.getLogger(__name__)
 
-UNAUTHENTICATED = "operator"
-"""``created_by`` of versions made through an API that does not yet know its caller."""
-
-
 class DesiredWriter(Protocol):
     """What ``sync`` needs of the bridge."""
 

@@ -49,7 +49,7 @@ def create_policy(body: PolicyCreate, principal: OperatorDep, runtime: RuntimeDe
         detail = policies.create_policy(
             session, body, now=runtime.clock(), created_by=principal.name
         )
-        record.update(version=detail.current_version, document=body.document)
+        record.update(version=detail.current_version, spec=body.model_dump(mode="json"))
     return _pushed(runtime, detail)
 
 
@@ -84,7 +84,7 @@ def update_policy(
         detail = policies.update_policy(
             session, name, body, now=runtime.clock(), created_by=principal.name
         )
-        record.update(version=detail.current_version, document=body.document)
+        record.update(version=detail.current_version, spec=body.model_dump(mode="json"))
     return _pushed(runtime, detail)
 
 
@@ -126,7 +126,7 @@ def put_labels(
         record,
     ):
         labels = groups.set_labels(session, device_id, body)
-        record.update(labels=body.model_dump())
+        record.update(labels=body.model_dump(mode="json"))
     synced = policies.sync(runtime.bridge, runtime.engine, device_ids=[device_id])
     return LabelsChanged(**labels.model_dump(), devices_updated=synced.updated)
 

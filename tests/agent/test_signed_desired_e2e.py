@@ -19,6 +19,7 @@ from protocol.policy import POLICY_KEY
 from protocol.topics import DeviceChannel
 from sim.broker import MosquittoBroker
 from tests.agent.helpers import Cloud, edge_settings, wait_for
+from tests.controller.helpers import TEST_ADMIN_TOKEN
 
 
 @pytest.fixture
@@ -32,8 +33,10 @@ def controller(
         mqtt_reconnect_backoff_max_s=0.5,
         artifact_dir=tmp_path / "artifacts",
         signing_key_path=tmp_path / "controller" / "signing.key",
+        admin_token=TEST_ADMIN_TOKEN,
     )
-    with TestClient(create_app(settings)) as http:
+    headers = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+    with TestClient(create_app(settings), headers=headers) as http:
         assert http.app.state.runtime.bridge.wait_connected(10)  # type: ignore[attr-defined]
         yield http, settings
 

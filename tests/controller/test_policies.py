@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cloud_controller.policies import UNAUTHENTICATED
+from cloud_controller.auth.tokens import BOOTSTRAP_NAME
 from models.signing import keyring, load_public_key, public_path
 from protocol.codec import decode
 from protocol.messages import DesiredState
@@ -106,7 +106,7 @@ def test_every_change_is_a_new_version_and_old_ones_stay_viewable(
     assert versions[0]["target"] == {"selector": {}, "groups": []}
     assert versions[1]["target"] == {"selector": None, "groups": ["canary"]}
     assert versions[2]["document"] == versions[1]["document"]
-    assert {v["created_by"] for v in versions} == {UNAUTHENTICATED}
+    assert {v["created_by"] for v in versions} == {BOOTSTRAP_NAME}  # the caller's token
     first = http.get("/api/v1/policies/fleet/versions/1").json()
     assert first["document"] == {"batching": {"max_batch_size": 8}}
     assert first["description"] == "first" and first["priority"] == 0
