@@ -16,7 +16,8 @@ noise hits them alike:
   top of receiving, as opposed to what receiving costs on this machine.
 * **delivery** - the real controller (``spillway controller serve``, its chunk server) holds
   the uploaded INT8 variant; N in-process ``edge_agent.Agent``s (no serving) are assigned
-  it over REST (``PUT /api/v1/devices/{id}/model``) and pull it chunk by chunk (chunks
+  it over REST (``PUT /api/v1/devices/{id}/model``, the N PUTs sent at once unless
+  ``--no-parallel-assign``) and pull it chunk by chunk (chunks
   asked for and broadcast on the artifact's topic, coalesced by the controller;
   sha256-checked, written, hashed as the verified prefix grows; the data file and the
   resume record fsync'ed every ``model_progress_fsync_bytes``); time from the first
@@ -41,6 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,7 @@ def _delivery(
     chunk_bytes: int,
     transfer_workers: int,
     window: int,
+    parallel_assign: bool,
 ) -> tuple[float, float, dict[str, float]]:
     key = SigningKey.generate()
     key_path = work / "keys" / "signing.key"
@@ -331,13 +334,21 @@ def _delivery(
             ):
                 break
             time.sleep(0.2)
-        started = time.perf_counter()
-        for agent in fleet:
+
+        def assign(agent: Agent) -> None:
             put = http.put(
                 f"/api/v1/devices/{agent.settings.device_id}/model",
                 json={"name": MINILM, "version": version, "variant": "int8-onnx"},
             )
             put.raise_for_status()
+
+        started = time.perf_counter()
+        if parallel_assign:  # a rollout pushes to every device at once
+            with ThreadPoolExecutor(max_workers=agents) as pool:
+                list(pool.map(assign, fleet))
+        else:
+            for agent in fleet:
+                assign(agent)
         assigned_s = time.perf_counter() - started
         downloaded: dict[str, float] = {}
         active: dict[str, float] = {}
@@ -385,6 +396,11 @@ def bench_rollout(
     chunk_bytes: int = typer.Option(DEFAULT_CHUNK_BYTES, help="Chunk size, both sides."),
     transfer_workers: int = typer.Option(4, help="The controller's chunk-server threads."),
     window: int = typer.Option(4, help="Chunk requests in flight per agent."),
+    parallel_assign: bool = typer.Option(
+        True,
+        help="Send the N assignment PUTs at once (a rollout); --no-parallel-assign sends "
+        "them one after the other (the agents then start seconds apart on a loaded box).",
+    ),
 ) -> None:
     """Delivery of the INT8 MiniLM to N agents vs the same bytes fanned out raw."""
     console = Console(stderr=True)
@@ -415,6 +431,7 @@ def bench_rollout(
                 chunk_bytes=chunk_bytes,
                 transfer_workers=transfer_workers,
                 window=window,
+                parallel_assign=parallel_assign,
             )
     ratio = downloaded_s / raw_s
     result = {
@@ -424,6 +441,7 @@ def bench_rollout(
         "chunk_bytes": chunk_bytes,
         "transfer_workers": transfer_workers,
         "window": window,
+        "parallel_assign": parallel_assign,
         "raw_fanout_s": round(raw_s, 3),
         "raw_receiver_s": round(receiver_s, 3),
         "delivery_downloaded_s": round(downloaded_s, 3),
