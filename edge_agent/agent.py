@@ -381,6 +381,7 @@ class Agent:
                 window=settings.model_chunk_window,
                 timeout_s=settings.model_chunk_timeout_s,
                 attempts=settings.model_chunk_attempts,
+                fsync_bytes=settings.model_progress_fsync_bytes,
             ),
             clock=self._clock,
             connected=lambda: client.is_connected,

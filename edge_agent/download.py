@@ -13,11 +13,16 @@ times the chunk was asked for. Every frame is unframed and checked by
 correlation, or same offset and length) must match its request exactly, another one is
 taken only if it fits the artifact's size and this agent's chunk grid, else ignored.
 Chunks are written at their offset into ``<staging>/<sha256>/partial``; the *verified
-offset* advances only over contiguous checked chunks, and each advance is made durable -
-the partial file is fsync'ed, then ``progress.json`` is replaced atomically (``state.write_atomic``)
-- so after a kill, a power cut, a broker restart or a lost link the next ``fetch`` asks for
-the byte after the last verified one, never for offset 0 again. A download is finished
-when the whole file's sha256 and size equal what was asked for; the file then moves to
+offset* advances only over contiguous checked chunks, which are fed to a running sha256 as
+it advances (so the whole file is never read back). Durability is batched: every
+``fsync_bytes`` of verified advance (and at the end, and when a fetch stops on a temporary
+error) the partial file is fsync'ed, then ``progress.json`` is replaced atomically
+(``state.write_atomic``) with the offset just made durable - the record never claims a
+byte that was not fsync'ed. After a kill, a power cut, a broker restart or a lost link the
+next ``fetch`` truncates the partial file to the recorded offset, hashes that prefix once,
+and asks for the byte after it: at most ``fsync_bytes`` are fetched twice, never the
+whole blob. A download is finished when the running sha256 (over the complete file, in
+order) and the size equal what was asked for; the file then moves to
 ``<staging>/<sha256>/blob``. However it ends, the fetch unsubscribes and tells the
 controller (``TransferDone``), which frees its transfer slot.
 
@@ -133,6 +138,8 @@ class PullSettings:
     window: int = 4
     timeout_s: float = 10.0
     attempts: int = 8
+    fsync_bytes: int = 8 * 1024 * 1024
+    """Verified bytes between two durable progress records (``model_progress_fsync_bytes``)."""
 
 
 @dataclass
@@ -145,6 +152,21 @@ class _Pending:
     """Requests for this chunk that count against ``PullSettings.attempts``."""
     sends: int = 1
     """Requests for this chunk sent in this fetch (``ChunkRequest.attempt``)."""
+
+
+@dataclass
+class _Staged:
+    """The partial file of one fetch and how far it is verified, hashed and durable."""
+
+    fd: int
+    folder: Path
+    sha256: str
+    verified: int
+    """Contiguous checked bytes written, all fed to ``hasher``."""
+    durable: int
+    """The offset ``progress.json`` claims: fsync'ed, ``<= verified``."""
+    hasher: hashlib._Hash
+    size: int | None = None
 
 
 @dataclass
@@ -259,12 +281,21 @@ class ChunkPuller:
         partial = folder / PARTIAL_FILE
         fd = self._open_partial(partial, verified)
         try:
+            staged = _Staged(
+                fd, folder, sha256, verified, verified, self._hash_prefix(fd, partial, verified)
+            )
+            staged.size = size_bytes
             if verified:
                 logger.info(
                     "download resumes",
                     extra={"sha256": sha256, "offset": verified, "size_bytes": size_bytes},
                 )
-            size_bytes = self._pull(fd, folder, sha256, verified, size_bytes, progress, cancel)
+            try:
+                self._pull(staged, progress, cancel)
+            except TemporaryDownloadError:
+                self._save(staged)  # keep what was verified: the next fetch resumes there
+                raise
+            self._check_whole(staged)
         except PermanentDownloadError:
             os.close(fd)
             fd = -1
@@ -273,7 +304,6 @@ class ChunkPuller:
         finally:
             if fd >= 0:
                 os.close(fd)
-        self._check_whole(partial, sha256, size_bytes)
         try:
             os.replace(partial, blob)
         except OSError as exc:
@@ -288,22 +318,12 @@ class ChunkPuller:
             raise StagingError(f"cannot open {partial}: {exc.strerror or exc}") from exc
         return fd
 
-    def _pull(
-        self,
-        fd: int,
-        folder: Path,
-        sha256: str,
-        verified: int,
-        size: int | None,
-        progress: Progress | None,
-        cancel: threading.Event,
-    ) -> int:
+    def _pull(self, staged: _Staged, progress: Progress | None, cancel: threading.Event) -> None:
+        sha256 = staged.sha256
         listening = _Listening(self._topics.artifact_chunks(sha256))
         self._drain()
         try:
-            return self._pull_listening(
-                fd, folder, sha256, verified, size, progress, cancel, listening
-            )
+            self._pull_listening(staged, progress, cancel, listening)
         finally:
             if listening.subscribed:
                 self._client.unsubscribe(listening.topic)
@@ -312,15 +332,12 @@ class ChunkPuller:
 
     def _pull_listening(
         self,
-        fd: int,
-        folder: Path,
-        sha256: str,
-        verified: int,
-        size: int | None,
+        staged: _Staged,
         progress: Progress | None,
         cancel: threading.Event,
         listening: _Listening,
-    ) -> int:
+    ) -> None:
+        sha256, verified, size = staged.sha256, staged.verified, staged.size
         settings = self._settings
         step = settings.chunk_bytes
         base = verified  # the grid of chunk offsets: base + i * chunk_bytes
@@ -400,7 +417,7 @@ class ChunkPuller:
                 # An answer to the same question, asked by another device too.
                 mine = pending.get(asked.get(header.offset, b""))
             if mine is not None:
-                size = self._check_chunk(header, data, mine, sha256, size)
+                size = staged.size = self._check_chunk(header, data, mine, sha256, size)
                 self._forget(pending, asked, mine)
             elif self._fits(header, data, sha256, size, base, verified, done):
                 with self._lock:
@@ -410,20 +427,23 @@ class ChunkPuller:
             assert size is not None
             if header.offset < verified or header.offset in done:
                 continue  # a duplicate
-            self._write(fd, header.offset, data)
+            self._write(staged.fd, header.offset, data)
             done[header.offset] = len(data)
             stale = asked.get(header.offset)
             if stale is not None:
                 self._forget(pending, asked, pending[stale])
-            advanced = verified
-            while advanced in done:
-                advanced += done.pop(advanced)
-            if advanced > verified:
-                verified = advanced
-                self._commit(fd, folder, sha256, verified, size)
-                if progress is not None:
-                    progress(verified, size)
-        return size
+            if verified not in done:
+                continue  # a chunk ahead of a gap: hashed once the gap is filled
+            while verified in done:
+                length = done.pop(verified)
+                chunk = data if verified == header.offset else self._read(staged, verified, length)
+                staged.hasher.update(chunk)
+                verified += length
+            staged.verified = verified
+            if verified - staged.durable >= settings.fsync_bytes or verified == size:
+                self._commit(staged)
+            if progress is not None:
+                progress(verified, size)
 
     def _fits(
         self,
@@ -590,14 +610,51 @@ class ChunkPuller:
         except OSError as exc:
             raise StagingError(f"cannot write a chunk: {exc.strerror or exc}") from exc
 
-    def _commit(self, fd: int, folder: Path, sha256: str, verified: int, size: int) -> None:
-        """The data first, then the offset that vouches for it."""
+    def _read(self, staged: _Staged, offset: int, length: int) -> bytes:
+        """Bytes written earlier (out of order) that the running hash now needs."""
         try:
-            os.fsync(fd)
-            doc = {"sha256": sha256, "size_bytes": size, "verified_offset": verified}
-            write_atomic(folder / PROGRESS_FILE, json.dumps(doc).encode())
+            data = os.pread(staged.fd, length, offset)
+        except OSError as exc:
+            raise StagingError(f"cannot read a chunk back: {exc.strerror or exc}") from exc
+        if len(data) != length:
+            raise StagingError(f"read {len(data)} of {length} bytes back at {offset}")
+        return data
+
+    def _hash_prefix(self, fd: int, partial: Path, verified: int) -> hashlib._Hash:
+        """A resumed fetch hashes its verified prefix once, so the final digest is the
+        whole file's."""
+        digest = hashlib.sha256()
+        offset = 0
+        try:
+            while offset < verified:
+                block = os.pread(fd, min(1 << 20, verified - offset), offset)
+                if not block:
+                    raise StagingError(f"{partial} is shorter than its verified {verified}")
+                digest.update(block)
+                offset += len(block)
+        except OSError as exc:
+            raise StagingError(f"cannot read {partial}: {exc.strerror or exc}") from exc
+        return digest
+
+    def _commit(self, staged: _Staged) -> None:
+        """The data first, then the offset that vouches for it."""
+        verified = staged.verified
+        try:
+            os.fsync(staged.fd)
+            doc = {"sha256": staged.sha256, "size_bytes": staged.size, "verified_offset": verified}
+            write_atomic(staged.folder / PROGRESS_FILE, json.dumps(doc).encode())
         except (OSError, StateError) as exc:
-            raise StagingError(f"cannot record progress in {folder}: {exc}") from exc
+            raise StagingError(f"cannot record progress in {staged.folder}: {exc}") from exc
+        staged.durable = verified
+
+    def _save(self, staged: _Staged) -> None:
+        """On a temporary stop, make what is verified durable (best effort)."""
+        if staged.verified <= staged.durable or staged.size is None:
+            return
+        try:
+            self._commit(staged)
+        except StagingError as exc:
+            logger.warning("download progress not saved: %s", exc, extra={"sha256": staged.sha256})
 
     def _load_progress(self, folder: Path, sha256: str) -> tuple[int, int | None]:
         """(verified offset, size) from the progress file; (0, None) if absent or unusable."""
@@ -619,18 +676,16 @@ class ChunkPuller:
             return 0, None
         return offset, size
 
-    def _check_whole(self, partial: Path, sha256: str, size: int) -> None:
-        digest = hashlib.sha256()
+    def _check_whole(self, staged: _Staged) -> None:
+        """The running sha256 has seen every byte of the file, in order."""
         try:
-            with partial.open("rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-            actual_size = partial.stat().st_size
+            actual_size = os.fstat(staged.fd).st_size
         except OSError as exc:
-            raise StagingError(f"cannot read {partial}: {exc.strerror or exc}") from exc
-        if actual_size != size or digest.hexdigest() != sha256:
-            self.discard(sha256)  # every chunk checked out, the whole does not: start over
+            raise StagingError(f"cannot stat the partial blob: {exc.strerror or exc}") from exc
+        digest = staged.hasher.hexdigest()
+        if actual_size != staged.size or staged.verified != actual_size or digest != staged.sha256:
+            # every chunk checked out, the whole does not: start over (the caller discards)
             raise ArtifactMismatch(
-                f"downloaded {actual_size} bytes with sha256 {digest.hexdigest()[:12]}…, "
-                f"expected {sha256[:12]}…"
+                f"downloaded {actual_size} bytes with sha256 {digest[:12]}…, "
+                f"expected {staged.sha256[:12]}…"
             )

@@ -168,6 +168,10 @@ class EdgeSettings(BaseSettings):
     model_chunk_attempts: int = Field(default=8, ge=1)
     """Unanswered requests for one chunk (while connected) before the download fails as
     temporary; it resumes from the verified offset when the desired state comes again."""
+    model_progress_fsync_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    """Verified download bytes between two durable resume points (fsync of the partial
+    file, then of the progress record): fewer fsyncs on a shared disk, and at most this
+    many bytes fetched again after a crash or a kill."""
     model_progress_interval_s: float = Field(default=1.0, ge=0)
     """Seconds between download progress reports at most (one is also sent every 10 %)."""
 

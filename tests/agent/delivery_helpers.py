@@ -57,6 +57,9 @@ class ChunkResponder:
         self.done: list[str] = []
         """Digests named by ``TransferDone`` messages, in order."""
         self.served_bytes: dict[str, int] = {}
+        self.hold_from: dict[str, int] = {}
+        """digest -> offset: requests at or past it are recorded but never answered (a
+        download stalls there, so a test can kill it at a known point)."""
         self.client = MqttClient(
             MqttSettings(
                 host=broker.host,
@@ -103,6 +106,9 @@ class ChunkResponder:
             busy = self.busy_left > 0
             if busy:
                 self.busy_left -= 1
+            held = request.offset >= self.hold_from.get(request.artifact_sha256, request.offset + 1)
+        if held:
+            return
         if self.delay_s:
             time.sleep(self.delay_s)
         data = self.blobs.get(request.artifact_sha256)

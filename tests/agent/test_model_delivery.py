@@ -9,7 +9,6 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from protocol.mqtt import MqttClient, MqttSettings
 from protocol.topics import Topics
 from sim.broker import MosquittoBroker
 from tests.agent.delivery_helpers import ChunkResponder, assignment, model_policy
-from tests.agent.helpers import AgentFactory, Cloud, ProcessFactory, wait_for
+from tests.agent.helpers import AgentFactory, AgentProcess, Cloud, ProcessFactory, wait_for
 
 INT8 = "int8-onnx"
 FP32 = "fp32-onnx"
@@ -387,6 +386,27 @@ def test_swap_under_load_loses_nothing_and_revert_is_instant(
 # -- kill -9 during the download -------------------------------------------------------------
 
 
+CHUNK = 256 * 1024
+
+
+def killable_agent(
+    agent_process: ProcessFactory, key_file: Path, *, fsync_bytes: int
+) -> AgentProcess:
+    proc = agent_process("dev-1", extra=["--trusted-key", str(key_file), "--intra-op-threads", "1"])
+    proc.env["SPILLWAY_EDGE_MODEL_CHUNK_BYTES"] = str(CHUNK)
+    proc.env["SPILLWAY_EDGE_MODEL_CHUNK_WINDOW"] = "2"
+    proc.env["SPILLWAY_EDGE_MODEL_PROGRESS_FSYNC_BYTES"] = str(fsync_bytes)
+    return proc
+
+
+def recorded_offset(progress_file: Path) -> int:
+    """The offset the resume record claims (0 while there is none)."""
+    try:
+        return int(json.loads(progress_file.read_text())["verified_offset"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_killed_agent_resumes_the_download_and_finishes(
     cloud: Cloud,
     responder: ChunkResponder,
@@ -396,42 +416,95 @@ def test_killed_agent_resumes_the_download_and_finishes(
     test_key: SigningKey,
     tmp_path: Path,
 ) -> None:
-    responder.delay_s = 0.02
+    """kill -9 once 30 %, 60 %, 99 % are durable; each restart resumes where the record
+    says and the last one finishes with the right digest. The responder holds every
+    chunk a little past the target, so no kill can land after the download finished."""
+    fsync_bytes = 4 * CHUNK
     variant_dir = model_dir / INT8
     data = (variant_dir / "model.onnx").read_bytes()
     digest = responder.add(data)
     responder.add((variant_dir / "tokenizer.json").read_bytes())
     section = assignment(variant_dir, test_key)
     cloud.publish_desired("dev-1", 1, model_policy(section))
-    proc = agent_process("dev-1", extra=["--trusted-key", str(key_file), "--intra-op-threads", "1"])
-    proc.env["SPILLWAY_EDGE_MODEL_CHUNK_BYTES"] = str(256 * 1024)
-    proc.env["SPILLWAY_EDGE_MODEL_CHUNK_WINDOW"] = "2"
+    proc = killable_agent(agent_process, key_file, fsync_bytes=fsync_bytes)
     progress_file = tmp_path / "state" / "dev-1" / "staging" / digest / "progress.json"
-
-    def verified() -> int:
-        try:
-            return int(json.loads(progress_file.read_text())["verified_offset"])
-        except (OSError, ValueError, KeyError):
-            return 0
-
-    def reached(target: int) -> bool:
-        return verified() >= target
+    last_chunk = (len(data) - 1) // CHUNK * CHUNK
 
     resumed_from: list[int] = []
     for fraction in (0.3, 0.6, 0.99):
-        proc.start()
         target = int(len(data) * fraction)
-        wait_for(partial(reached, target), 60, what=f"{fraction:.0%} verified")
+        responder.hold_from[digest] = min(last_chunk, -(-target // CHUNK) * CHUNK + fsync_bytes)
+        proc.start()
+        wait_for(
+            lambda t=target: recorded_offset(progress_file) >= t,  # type: ignore[misc]
+            60,
+            what=f"{fraction:.0%} durable",
+        )
         proc.signal(signal.SIGKILL)
         proc.wait()
         if resumed_from:  # this run was a restart: it asked nothing before where it resumed
-            assert min(a.offset for a in responder.requests(digest)) >= resumed_from[-1]
-        resumed_from.append(verified())
+            assert min(a.offset for a in responder.requests(digest)) == resumed_from[-1]
+        resumed_from.append(recorded_offset(progress_file))
+        assert resumed_from[-1] < len(data)
         responder.reset()
+    responder.hold_from.clear()
     proc.start()
     wait_for(lambda: last_state(cloud) == "active", 90, what="active after the kills")
-    assert min(a.offset for a in responder.requests(digest)) >= resumed_from[-1]
-    assert resumed_from == sorted(resumed_from) and resumed_from[0] < len(data)
+    assert min(a.offset for a in responder.requests(digest)) == resumed_from[-1]
+    assert resumed_from == sorted(resumed_from)
+    installed = tmp_path / "state" / "dev-1" / "models" / digest / "model.onnx"
+    assert sha(installed.read_bytes()) == digest
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
+def test_kill_between_fsync_points_resumes_from_the_last_durable_offset(
+    cloud: Cloud,
+    responder: ChunkResponder,
+    agent_process: ProcessFactory,
+    model_dir: Path,
+    key_file: Path,
+    test_key: SigningKey,
+    tmp_path: Path,
+) -> None:
+    """Chunks verified and written after the last fsync point are not claimed by the
+    resume record: after a kill -9 there, the agent truncates them away, asks again from
+    the recorded offset (not beyond it) and still ends with the right digest."""
+    fsync_bytes = 16 * CHUNK
+    hold = 24 * CHUNK  # between the fsync points at 16 and 32 chunks
+    variant_dir = model_dir / INT8
+    data = (variant_dir / "model.onnx").read_bytes()
+    digest = responder.add(data)
+    responder.add((variant_dir / "tokenizer.json").read_bytes())
+    responder.hold_from[digest] = hold
+    section = assignment(variant_dir, test_key)
+    cloud.publish_desired("dev-1", 1, model_policy(section))
+    proc = killable_agent(agent_process, key_file, fsync_bytes=fsync_bytes)
+    staging = tmp_path / "state" / "dev-1" / "staging" / digest
+
+    def written_up_to_hold() -> bool:
+        try:
+            with (staging / "partial").open("rb") as f:
+                return f.read(hold) == data[:hold]
+        except OSError:
+            return False
+
+    proc.start()
+    wait_for(written_up_to_hold, 60, what="every chunk before the held one written")
+    wait_for(lambda: any(a.offset == hold for a in responder.requests(digest)), 10)
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    durable = recorded_offset(staging / "progress.json")
+    assert hold - fsync_bytes < durable < hold, "the record claims exactly the last fsync point"
+    assert (staging / "partial").stat().st_size >= hold, "bytes past the record were written"
+
+    responder.reset()
+    responder.hold_from.clear()
+    proc.start()
+    wait_for(lambda: last_state(cloud) == "active", 90, what="active after the kill")
+    asked = sorted({a.offset for a in responder.requests(digest)})
+    assert asked[0] == durable, "resumed from the durable offset, not beyond nor before"
+    assert set(range(durable, hold, CHUNK)) <= set(asked), "the unrecorded chunks came again"
     installed = tmp_path / "state" / "dev-1" / "models" / digest / "model.onnx"
     assert sha(installed.read_bytes()) == digest
     proc.signal(signal.SIGTERM)
