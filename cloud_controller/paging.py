@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Query
+from fastapi import Path, Query
 from fastapi.exceptions import RequestValidationError
 
 from cloud_controller.settings import CloudSettings
@@ -14,6 +14,8 @@ MAX_PAGE = 1_000_000
 
 Page = Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number")]
 PageSize = Annotated[int, Query(ge=1, description="items per page, at most max_page_size")]
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="row id")]
+"""A database row id in a path: larger ones are a 422, not a database overflow."""
 
 
 def query_error(name: str, message: str, value: object) -> RequestValidationError:

@@ -53,6 +53,7 @@ from protocol.policy import POLICY_KEY, PolicySection
 
 logger = logging.getLogger(__name__)
 
+
 class DesiredWriter(Protocol):
     """What ``sync`` needs of the bridge."""
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, cast
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from sqlmodel import Session
 
 from cloud_controller import audit
 from cloud_controller.auth import OperatorDep, Principal, ViewerDep
 from cloud_controller.deps import RuntimeDep, SettingsDep
-from cloud_controller.paging import check_page_size
+from cloud_controller.paging import Page, PageSize, RowId, check_page_size
 from cloud_controller.rollout_engine import RolloutEngine
 from cloud_controller.rollout_entities import (
     RolloutCreate,
@@ -56,8 +56,8 @@ def list_rollouts(
     rollouts: RolloutsDep,
     settings: SettingsDep,
     state: RolloutState | None = None,
-    page: Annotated[int, Query(ge=1)] = 1,
-    page_size: Annotated[int, Query(ge=1)] = 50,
+    page: Page = 1,
+    page_size: PageSize = 50,
 ) -> RolloutPage:
     """Rollouts, newest first."""
     check_page_size(page_size, settings)
@@ -66,13 +66,13 @@ def list_rollouts(
 
 
 @router.get("/{rollout_id}", response_model=RolloutPublic)
-def get_rollout(rollout_id: int, principal: ViewerDep, rollouts: RolloutsDep) -> RolloutPublic:
+def get_rollout(rollout_id: RowId, principal: ViewerDep, rollouts: RolloutsDep) -> RolloutPublic:
     return rollouts.get(rollout_id)
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutPublic)
 def pause_rollout(
-    rollout_id: int, principal: OperatorDep, rollouts: RolloutsDep, runtime: RuntimeDep
+    rollout_id: RowId, principal: OperatorDep, rollouts: RolloutsDep, runtime: RuntimeDep
 ) -> RolloutPublic:
     """No new wave starts and no gate is evaluated until it is resumed."""
     return _operate(runtime, principal, "pause", rollout_id, rollouts.pause)
@@ -80,7 +80,7 @@ def pause_rollout(
 
 @router.post("/{rollout_id}/resume", response_model=RolloutPublic)
 def resume_rollout(
-    rollout_id: int, principal: OperatorDep, rollouts: RolloutsDep, runtime: RuntimeDep
+    rollout_id: RowId, principal: OperatorDep, rollouts: RolloutsDep, runtime: RuntimeDep
 ) -> RolloutPublic:
     """Go on; a wave that failed its gates is accepted, a stalled one observed again."""
     return _operate(runtime, principal, "resume", rollout_id, rollouts.resume)
@@ -88,7 +88,7 @@ def resume_rollout(
 
 @router.post("/{rollout_id}/abort", response_model=RolloutPublic)
 def abort_rollout(
-    rollout_id: int, principal: OperatorDep, rollouts: RolloutsDep, runtime: RuntimeDep
+    rollout_id: RowId, principal: OperatorDep, rollouts: RolloutsDep, runtime: RuntimeDep
 ) -> RolloutPublic:
     """Roll every updated device back to its previous assignment, then stop."""
     return _operate(runtime, principal, "abort", rollout_id, rollouts.abort)
@@ -98,7 +98,7 @@ def _operate(
     runtime: RuntimeDep,
     principal: Principal,
     verb: str,
-    rollout_id: int,
+    rollout_id: RowId,
     change: Callable[[int], RolloutPublic],
 ) -> RolloutPublic:
     with (

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 
 from cloud_controller import audit
 from cloud_controller.auth import AdminDep, Role, ViewerDep, tokens
 from cloud_controller.auth.tokens import Me, TokenCreate, TokenCreated, TokenPage, TokenPublic
 from cloud_controller.deps import RuntimeDep, SessionDep
-from cloud_controller.paging import check_page_size
+from cloud_controller.paging import RowId, check_page_size
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 me_router = APIRouter(prefix="/api/v1/auth", tags=["tokens"])
 
-TokenId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+TokenId = RowId
 
 
 @router.post("", response_model=TokenCreated, status_code=201, name="token.create")

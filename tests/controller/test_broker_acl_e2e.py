@@ -6,6 +6,7 @@ writes; each process gets its own credentials from the environment, as in a depl
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,10 @@ from cloud_controller.certs_cli import certs_app
 from cloud_controller.pool.cli import pool_app
 from cloud_controller.pool.settings import PoolSettings
 from cloud_controller.settings import CloudSettings
+from models.signing import load_or_create_signing_key, public_path
 from protocol.mqtt import MqttClient
 from sim.broker import MosquittoBroker, free_port
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 from spillway.preflight import PreflightError, settings_from
 from tests.integration.fleet import wait_for
 
@@ -75,6 +77,9 @@ def test_agent_with_its_credentials_comes_online_at_a_controller_with_its_own(
     tmp_path: Path, auth_dir: Path, secured_broker: MosquittoBroker
 ) -> None:
     http_port = free_port()
+    key_path = tmp_path / "keys" / "signing.key"
+    load_or_create_signing_key(key_path)  # the agents trust its public half for desired state
+    admin_token = new_admin_token()
     controller = ChildProcess(
         "controller",
         [
@@ -91,6 +96,8 @@ def test_agent_with_its_credentials_comes_online_at_a_controller_with_its_own(
         env={
             "SPILLWAY_MQTT_USERNAME": CONTROLLER_USER,
             "SPILLWAY_MQTT_PASSWORD": _password(auth_dir, CONTROLLER_USER),
+            "SPILLWAY_SIGNING_KEY_PATH": str(key_path),
+            ADMIN_TOKEN_ENV: admin_token,
         },
     )
 
@@ -110,13 +117,18 @@ def test_agent_with_its_credentials_comes_online_at_a_controller_with_its_own(
                 "1",
             ],
             log_path=tmp_path / f"{device_id}.log",
-            env={"SPILLWAY_EDGE_MQTT_PASSWORD": password},
+            env={
+                "SPILLWAY_EDGE_MQTT_PASSWORD": password,
+                "SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(public_path(key_path))]),
+            },
         )
 
     good = agent("edge-a", _password(auth_dir, "edge-a"))
     # edge-b with edge-a's password: refused by the broker, never seen by the controller.
     impostor = agent("edge-b", _password(auth_dir, "edge-a"))
-    http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=5)
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{http_port}", timeout=5, headers=bearer(admin_token)
+    )
 
     def device(device_id: str) -> dict[str, object]:
         response = http.get(f"/api/v1/devices/{device_id}")

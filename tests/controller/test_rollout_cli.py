@@ -14,8 +14,17 @@ from typer.testing import CliRunner
 from cloud_controller.app import create_app
 from cloud_controller.rollout_cli import rollout_app
 from sim.broker import MosquittoBroker, free_port
-from tests.controller.helpers import Controller, ManualClock, SimAgent, settings_for, wait_for
+from tests.controller.helpers import (
+    TEST_ADMIN_TOKEN,
+    Controller,
+    ManualClock,
+    SimAgent,
+    settings_for,
+    wait_for,
+)
 from tests.controller.rollout_helpers import MODEL, register
+
+ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 
 MakeController = Callable[..., Controller]
 
@@ -56,7 +65,7 @@ def test_cli_starts_shows_pauses_resumes_and_aborts(
 
     class Http:  # the register helper's client, over the real port
         def __init__(self) -> None:
-            self.client = httpx.Client(base_url=url, timeout=30)
+            self.client = httpx.Client(base_url=url, timeout=30, headers=ADMIN)
 
         def post(self, *args: object, **kwargs: object) -> httpx.Response:
             return self.client.post(*args, **kwargs)  # type: ignore[arg-type]
@@ -65,10 +74,12 @@ def test_cli_starts_shows_pauses_resumes_and_aborts(
     agent = SimAgent(broker, "cli-1")
     try:
         agent.hello(labels={"site": "lab"})
-        assert wait_for(lambda: httpx.get(f"{url}/api/v1/devices/cli-1").status_code == 200)
+        assert wait_for(
+            lambda: httpx.get(f"{url}/api/v1/devices/cli-1", headers=ADMIN).status_code == 200
+        )
         runner = CliRunner()
         monkeypatch.setenv("SPILLWAY_URL", url)
-        monkeypatch.setenv("SPILLWAY_TOKEN", "secret-token")
+        monkeypatch.setenv("SPILLWAY_TOKEN", TEST_ADMIN_TOKEN)
         started = runner.invoke(
             rollout_app, ["start", MODEL, "2.0.0", "--label", "site=lab", "--interval-s", "600"]
         )
@@ -91,7 +102,7 @@ def test_cli_starts_shows_pauses_resumes_and_aborts(
         assert "rolling_back" in runner.invoke(rollout_app, ["abort", "1"]).output
         assert wait_for(
             lambda: (
-                httpx.get(f"{url}/api/v1/rollouts/1").json()["devices"][0]["state"]
+                httpx.get(f"{url}/api/v1/rollouts/1", headers=ADMIN).json()["devices"][0]["state"]
                 == "rolling_back"
             )
         )
