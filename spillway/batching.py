@@ -131,9 +131,8 @@ class AdaptiveLimit:
     headroom, the limit doubles up to ``ceiling``; if latency overran the budget or the
     host is saturated, it halves down to ``floor``. A batch at most half the limit (demand
     fell) also halves it, so a quiet device goes back to answering single requests without
-    waiting ``max_queue_delay_ms`` for a batch to fill; ``reset`` does so at once (the
-    scheduler calls it when nothing arrived for longer than that delay). Host load (0..1,
-    the larger of CPU and memory use) scales the budget.
+    waiting ``max_queue_delay_ms`` for a batch to fill. Host load (0..1, the larger of CPU
+    and memory use) scales the budget.
     """
 
     floor: int
@@ -164,10 +163,6 @@ class AdaptiveLimit:
         elif demand and latency_ms * 2 <= budget:
             self.limit = min(self.ceiling, self.limit * 2)
         return self.limit
-
-    def reset(self) -> None:
-        """Demand is gone: back to ``floor``."""
-        self.limit = self.floor
 
 
 # -- the asyncio scheduler ------------------------------------------------------------
@@ -289,17 +284,10 @@ class DynamicBatcher(Generic[T]):
         return await future
 
     async def _loop(self) -> None:
-        quiet_s = self._settings.max_queue_delay_ms / 1000
         while True:
-            if not self._entries:  # and the model is idle: batches run one at a time, here
+            if not self._entries:
                 self._wakeup.clear()
-                idle_from = self._clock.monotonic()
                 await self._wakeup.wait()
-                if self._clock.monotonic() - idle_from > quiet_s:
-                    # Nothing arrived for longer than a request may wait for company: the
-                    # burst that raised the limit is over, and a lone request runs at once
-                    # instead of waiting max_queue_delay_ms for a batch that will not come.
-                    self.limit.reset()
             oldest = min(e.pending.arrival for e in self._entries.values())
             wait_s = oldest + self._settings.max_queue_delay_ms / 1000 - self._clock.monotonic()
             if self._queued_items < self.limit.limit and wait_s > 0:

@@ -156,39 +156,3 @@ def test_expired_requests_are_answered_not_computed() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
-
-
-class _ManualClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
-def test_after_a_quiet_spell_a_lone_request_does_not_wait_for_company() -> None:
-    """With the limit raised by a burst, a lone request waits up to max_queue_delay_ms for
-    others to join; once nothing arrived for longer than that, it runs at once."""
-
-    async def scenario() -> list[int]:
-        model = _Model()
-        clock = _ManualClock()
-        settings = BatcherSettings(max_batch_size=8, max_queue_delay_ms=60_000)
-        batcher = DynamicBatcher(model, settings, clock=clock)
-        batcher.limit.limit = 8  # as a burst would have left it
-        batcher.start()
-        await asyncio.sleep(0)  # the scheduler is idle from now (clock: 100.0)
-        alone = asyncio.create_task(batcher.submit(["a"]))
-        with pytest.raises(TimeoutError):  # no quiet spell: it waits to be joined ...
-            await asyncio.wait_for(asyncio.shield(alone), 0.2)
-        company = [asyncio.create_task(batcher.submit([f"b{i}"])) for i in range(7)]
-        await asyncio.gather(alone, *company)  # ... and goes as one batch of 8
-        assert batcher.limit.limit == 8
-        await asyncio.sleep(0)
-        clock.now += 61.0  # a minute and a bit with nothing queued
-        lone = await asyncio.wait_for(batcher.submit(["c"]), 10)
-        assert lone.batch_items == 1 and batcher.limit.limit == 1
-        await batcher.stop()
-        return model.batches
-
-    assert asyncio.run(scenario()) == [8, 1]
