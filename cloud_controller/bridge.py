@@ -253,6 +253,11 @@ class Bridge:
         with self._idle:
             return self._pending
 
+    @property
+    def queued(self) -> int:
+        """Accepted messages waiting in the queues (``pending`` less those being applied)."""
+        return len(self._queues)
+
     def wait_idle(self, timeout_s: float) -> bool:
         """True once every message received so far has been applied (for tests, shutdown)."""
         with self._idle:
