@@ -6,15 +6,22 @@ decoded with ``protocol.codec.decode`` into its model; the device id in the topi
 the payload's; what fails is logged and counted (``RejectCounter`` and
 ``spillway_mqtt_rejected_total{channel,reason}``), and no exception ever leaves a handler.
 
-Accepted messages go, with the time they arrived, onto a bounded queue that one worker
-thread applies through ``ingest`` in short sessions, in arrival order. The worker is the
-only writer of device records, so they need no locking; paho's network thread never
-waits for the database; and while the database is briefly away (a restart, a failover)
-the worker retries a message for up to ``ingest_retry_s`` instead of dropping it.
+Accepted messages go, with the time they arrived, onto one of two bounded queues: control
+messages (hello, status, reported) and the rest (heartbeats, telemetry, results). One
+worker thread applies them in batches through ``ingest.apply_batch``: every queued control
+message first, then the rest in arrival order, up to ``ingest_batch_max`` messages (waiting
+up to ``ingest_batch_linger_s`` for a batch to fill) in ONE transaction, so a backlog of
+telemetry never delays a reported state by more than one batch, and a fleet's heartbeats
+cost one ``UPDATE`` per device per batch instead of one transaction each. The worker is the
+only writer of device records, so they need no locking; paho's network thread never waits
+for the database; while the database is briefly away (a restart, a failover) the worker
+retries a batch for up to ``ingest_retry_s`` instead of dropping it; and a batch the
+database refuses (one message breaking a constraint) is applied again one message at a
+time, so that message alone is dropped (``storage_error``).
 
-Results are the one channel that is answered: the worker stores a whole ``ResultBatch`` in
-one transaction (a record stored before is skipped), and only after the commit publishes a
-``ResultAck`` (QoS 1) with every seq of the batch, the skipped ones included, so the device
+Results are the one channel that is answered: the worker stores each ``ResultBatch`` in its
+batch's transaction (a record stored before is skipped), and only after the commit publishes
+a ``ResultAck`` (QoS 1) with every seq of the batch, the skipped ones included, so the device
 can delete them from its outbox. A batch that could not be stored is not acknowledged: the
 device sends it again. ``gaps.GapTracker`` follows which seqs are still missing per
 (device, boot epoch), and every ``results_cleanup_interval_s`` of the injected clock the

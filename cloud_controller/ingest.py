@@ -1,7 +1,9 @@
 """Applying what devices say to the database: the one write path for device records.
 
-Each function takes an open ``Session`` and a decoded message, writes, commits and says
-what it did as an ``Ingested`` value. The rules that keep a restarted agent safe from its
+Each per-message function takes an open ``Session`` and a decoded message, writes, commits
+and says what it did as an ``Ingested`` value; ``apply_batch`` applies many messages in one
+transaction (the bridge's worker path) and leaves the commit to its caller, with the same
+outcome per message as one by one would give. The rules that keep a restarted agent safe from its
 own past live here:
 
 * ``Hello`` always registers (upsert, online): it is the device's own word, sent after
@@ -376,7 +378,7 @@ def _apply_liveness(
         row.id: _Liveness(int(row.boot_epoch), row.last_seen)
         for row in connection.execute(
             sa.select(devices.c.id, devices.c.boot_epoch, devices.c.last_seen).where(
-                devices.c.id.in_(ids)
+                devices.c.id.in_(sorted(ids))
             )
         )
     }

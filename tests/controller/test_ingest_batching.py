@@ -87,8 +87,7 @@ def _write_lock(database_url: str) -> Iterator[None]:
         with engine.connect() as connection:
             transaction = connection.begin()
             connection.exec_driver_sql(
-                "LOCK TABLE devices, telemetry_samples, reported_states, results "
-                "IN EXCLUSIVE MODE"
+                "LOCK TABLE devices, telemetry_samples, reported_states, results IN EXCLUSIVE MODE"
             )
             try:
                 yield
@@ -227,8 +226,7 @@ def test_a_batch_from_many_devices_is_applied_and_counted(
     heartbeats = controller.metric("spillway_mqtt_messages_total", channel="heartbeat")
     assert heartbeats == 19
     assert (
-        controller.metric("spillway_ingest_received_total", channel="heartbeat")
-        - received_before
+        controller.metric("spillway_ingest_received_total", channel="heartbeat") - received_before
         == 19
     )
     # Only the newest heartbeat of a device in a batch writes last_seen: of 3 each, 2 not.
