@@ -6,15 +6,22 @@ decoded with ``protocol.codec.decode`` into its model; the device id in the topi
 the payload's; what fails is logged and counted (``RejectCounter`` and
 ``spillway_mqtt_rejected_total{channel,reason}``), and no exception ever leaves a handler.
 
-Accepted messages go, with the time they arrived, onto a bounded queue that one worker
-thread applies through ``ingest`` in short sessions, in arrival order. The worker is the
-only writer of device records, so they need no locking; paho's network thread never
-waits for the database; and while the database is briefly away (a restart, a failover)
-the worker retries a message for up to ``ingest_retry_s`` instead of dropping it.
+Accepted messages go, with the time they arrived, onto one of two bounded queues: control
+messages (hello, status, reported) and the rest (heartbeats, telemetry, results). One
+worker thread applies them in batches through ``ingest.apply_batch``: every queued control
+message first, then the rest in arrival order, up to ``ingest_batch_max`` messages (waiting
+up to ``ingest_batch_linger_s`` for a batch to fill) in ONE transaction, so a backlog of
+telemetry never delays a reported state by more than one batch, and a fleet's heartbeats
+cost one ``UPDATE`` per device per batch instead of one transaction each. The worker is the
+only writer of device records, so they need no locking; paho's network thread never waits
+for the database; while the database is briefly away (a restart, a failover) the worker
+retries a batch for up to ``ingest_retry_s`` instead of dropping it; and a batch the
+database refuses (one message breaking a constraint) is applied again one message at a
+time, so that message alone is dropped (``storage_error``).
 
-Results are the one channel that is answered: the worker stores a whole ``ResultBatch`` in
-one transaction (a record stored before is skipped), and only after the commit publishes a
-``ResultAck`` (QoS 1) with every seq of the batch, the skipped ones included, so the device
+Results are the one channel that is answered: the worker stores each ``ResultBatch`` in its
+batch's transaction (a record stored before is skipped), and only after the commit publishes
+a ``ResultAck`` (QoS 1) with every seq of the batch, the skipped ones included, so the device
 can delete them from its outbox. A batch that could not be stored is not acknowledged: the
 device sends it again. ``gaps.GapTracker`` follows which seqs are still missing per
 (device, boot epoch), and every ``results_cleanup_interval_s`` of the injected clock the
@@ -34,9 +41,9 @@ It knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,7 +91,9 @@ _MODELS: dict[DeviceChannel, type[Envelope]] = {
 """The channels the controller listens to, and what each carries, in subscription order
 (``reported`` last: tests probe it to know that every subscription is live)."""
 
-Applier = Callable[[Session, Any, datetime], ingest.Ingested]
+_CONTROL = frozenset({DeviceChannel.HELLO, DeviceChannel.STATUS, DeviceChannel.REPORTED})
+"""Channels whose messages go to the control queue, which the worker empties first."""
+
 T = TypeVar("T")
 
 _TICK_S = 1.0
@@ -103,6 +112,80 @@ class _Accepted:
 
 class _Cleanup:
     """Queued by ``request_cleanup``: run the results cleanup now, in order."""
+
+
+class _Stop:
+    """Queued by ``stop``: the worker applies what is before it, then ends."""
+
+
+_Marker = _Cleanup | _Stop
+_Item = _Accepted | _Marker
+
+
+class _IngestQueues:
+    """Two bounded FIFOs for the worker: control messages, taken first, and the rest.
+
+    A batch takes every queued control message first (up to the batch size), then data in
+    arrival order, and ends before a marker (a cleanup or the stop), which is taken alone;
+    markers ignore the bound. Any thread may put; one thread takes.
+    """
+
+    def __init__(self, *, control_max: int, data_max: int) -> None:
+        self._control: deque[_Accepted] = deque()
+        self._data: deque[_Item] = deque()
+        self._control_max = control_max
+        self._data_max = data_max
+        self._markers = 0
+        self._ready = threading.Condition()
+
+    def put(self, item: _Accepted, *, control: bool) -> bool:
+        """Queue ``item``; False when its queue is full."""
+        with self._ready:
+            if control:
+                if len(self._control) >= self._control_max:
+                    return False
+                self._control.append(item)
+            else:
+                if len(self._data) - self._markers >= self._data_max:
+                    return False
+                self._data.append(item)
+            self._ready.notify()
+            return True
+
+    def put_marker(self, marker: _Marker) -> None:
+        with self._ready:
+            self._data.append(marker)
+            self._markers += 1
+            self._ready.notify()
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._control) + len(self._data)
+
+    def take(self, *, most: int, linger_s: float, timeout_s: float) -> list[_Item]:
+        """The next batch: wait up to ``timeout_s`` for a first item (else []), then up to
+        ``linger_s`` for ``most`` items (no lingering once a marker waits)."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: bool(self._control or self._data), timeout_s):
+                return []
+            if linger_s > 0:
+                self._ready.wait_for(
+                    lambda: self._markers > 0 or len(self._control) + len(self._data) >= most,
+                    linger_s,
+                )
+            batch: list[_Item] = []
+            while self._control and len(batch) < most:
+                batch.append(self._control.popleft())
+            while self._data and len(batch) < most:
+                head = self._data[0]
+                if isinstance(head, _Accepted):
+                    batch.append(self._data.popleft())
+                    continue
+                if not batch:
+                    self._markers -= 1
+                    batch.append(self._data.popleft())
+                break
+            return batch
 
 
 class Bridge:
@@ -134,21 +217,11 @@ class Bridge:
         self._signer = signer
         self._signer_lock = threading.Lock()
         self.rejects = RejectCounter()
-        keep = settings.telemetry_history
-        self._appliers: dict[DeviceChannel, Applier] = {
-            DeviceChannel.HELLO: lambda s, m, now: ingest.register(s, m, now=now),
-            DeviceChannel.STATUS: lambda s, m, now: ingest.apply_presence(s, m, now=now),
-            DeviceChannel.HEARTBEAT: lambda s, m, now: ingest.record_heartbeat(s, m, now=now),
-            DeviceChannel.TELEMETRY: lambda s, m, now: ingest.record_telemetry(
-                s, m, now=now, keep=keep
-            ),
-            DeviceChannel.REPORTED: lambda s, m, now: ingest.record_reported(s, m, now=now),
-        }
         self.gaps = GapTracker()
         self._next_cleanup: datetime | None = None
         """Clock time of the next results cleanup; None: at the worker's start."""
-        self._queue: queue.Queue[_Accepted | _Cleanup | None] = queue.Queue(
-            settings.ingest_queue_max
+        self._queues = _IngestQueues(
+            control_max=settings.ingest_control_queue_max, data_max=settings.ingest_queue_max
         )
         self._stopping = threading.Event()
         self._idle = threading.Condition()
@@ -175,7 +248,7 @@ class Bridge:
         """Disconnect, then let the worker apply what is queued (up to ``drain_timeout_s``)."""
         self._client.stop()
         if self._worker is not None:
-            self._queue.put(None)  # blocks only while the queue is full: the worker drains it
+            self._queues.put_marker(_Stop())
             self._worker.join(timeout=drain_timeout_s)
             self._stopping.set()  # shortens a retry in progress
             self._worker.join(timeout=5)
@@ -186,6 +259,11 @@ class Bridge:
         """Accepted messages not yet applied to the database."""
         with self._idle:
             return self._pending
+
+    @property
+    def queued(self) -> int:
+        """Accepted messages waiting in the queues (``pending`` less those being applied)."""
+        return len(self._queues)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """True once every message received so far has been applied (for tests, shutdown)."""
@@ -245,16 +323,22 @@ class Bridge:
                 )
                 return
             accepted = _Accepted(parsed.channel, decoded, message.topic, self._clock())
+            control = parsed.channel in _CONTROL
             with self._idle:
                 self._pending += 1
-            try:
-                self._queue.put_nowait(accepted)
-            except queue.Full:
+            if self._queues.put(accepted, control=control):
+                self._metrics.ingest_received.labels(channel_label).inc()
+            else:
                 self._done()
+                bound = (
+                    self._settings.ingest_control_queue_max
+                    if control
+                    else self._settings.ingest_queue_max
+                )
                 self._reject(
                     channel_label,
                     "queue_full",
-                    f"{self._settings.ingest_queue_max} messages wait for the database",
+                    f"{bound} {'control ' if control else ''}messages wait for the database",
                     message.topic,
                 )
         except Exception as exc:  # the last line of defence: the bridge must keep working
@@ -266,35 +350,43 @@ class Bridge:
         returns once it ran)."""
         with self._idle:
             self._pending += 1
-        self._queue.put(_Cleanup())
+        self._queues.put_marker(_Cleanup())
 
     def _drain(self) -> None:
-        """The worker: apply queued messages in order until the ``None`` sentinel, and
-        clean up results when the schedule says so."""
+        """The worker: apply queued messages in batches (control messages first) until the
+        stop marker, and clean up results when the schedule says so."""
+        settings = self._settings
         while True:
-            try:
-                item = self._queue.get(timeout=_TICK_S)
-            except queue.Empty:
-                if not self._cleanup_due():
+            batch = self._queues.take(
+                most=settings.ingest_batch_max,
+                linger_s=settings.ingest_batch_linger_s,
+                timeout_s=_TICK_S,
+            )
+            if not batch:
+                if self._cleanup_due():
+                    with self._idle:
+                        self._pending += 1
+                    batch = [_Cleanup()]
+                else:
                     continue
-                item = _Cleanup()
-                with self._idle:
-                    self._pending += 1
+            head = batch[0]
+            if isinstance(head, _Stop):
+                return
             try:
-                if item is None:
-                    return
-                if isinstance(item, _Cleanup):
+                if isinstance(head, _Cleanup):
                     self._cleanup()
                 else:
-                    self._apply(item)
+                    accepted = [item for item in batch if isinstance(item, _Accepted)]
+                    self._apply_batch(accepted)
                     if self._cleanup_due():
                         self._cleanup()
             except Exception as exc:  # never let the worker die
-                logger.exception("unexpected error applying a message")
-                if isinstance(item, _Accepted):
-                    self._reject(item.channel.value, "internal_error", repr(exc), item.topic)
+                logger.exception("unexpected error applying messages")
+                for item in batch:
+                    if isinstance(item, _Accepted):
+                        self._reject(item.channel.value, "internal_error", repr(exc), item.topic)
             finally:
-                if item is not None:
+                for _ in batch:
                     self._done()
 
     def _done(self) -> None:
@@ -303,79 +395,114 @@ class Bridge:
             if self._pending == 0:
                 self._idle.notify_all()
 
-    def _apply(self, item: _Accepted) -> None:
-        """Apply one message, retrying while the database cannot be reached."""
-        if item.channel is DeviceChannel.RESULTS:
-            self._apply_results(item)
+    def _apply_batch(self, items: list[_Accepted]) -> None:
+        """Apply ``items`` in one transaction, retrying while the database cannot be
+        reached; when the batch fails for good, apply its messages one by one, so that one
+        message the database refuses costs only itself."""
+        if len(items) == 1:
+            self._apply_one(items[0], retry_s=self._settings.ingest_retry_s)
             return
-        channel, message = item.channel, item.message
-        outcome = self._store(
-            item, lambda session: self._appliers[channel](session, message, item.received_at)
+        self._metrics.ingest_batch_size.observe(len(items))
+        done = self._attempt(items, retry_s=self._settings.ingest_retry_s)
+        if isinstance(done, list):
+            self._applied(items, done)
+            return
+        self._metrics.ingest_batch_fallbacks.inc()
+        logger.warning(
+            "a batch failed; applying its messages one by one",
+            extra={"messages": len(items), "error": one_line(done)},
         )
-        if outcome is None:
-            return
-        if outcome is ingest.Ingested.APPLIED:
-            self._metrics.ingested.labels(channel.value).inc()
-            if channel is DeviceChannel.HELLO:
-                self._sync_policy(message.device_id)
-        else:
-            self._metrics.ignored.labels(channel.value, outcome.value).inc()
-            logger.info(
-                "ignored inbound message",
-                extra={
-                    "topic": item.topic,
-                    "device_id": message.device_id,
-                    "reason": outcome.value,
-                },
-            )
+        # After a temporary error the batch already used the retry budget: one try each.
+        retry_s = 0.0 if _temporary(done) else self._settings.ingest_retry_s
+        for item in items:
+            self._apply_one(item, retry_s=retry_s)
 
-    def _store(self, item: _Accepted, write: Callable[[Session], T]) -> T | None:
-        """Run ``write`` in a fresh session, retrying while the database cannot be reached;
-        None when it failed for good (logged and counted as ``storage_error``)."""
-        channel, message, topic = item.channel, item.message, item.topic
-        budget_left_s = self._retry_budget()
+    def _apply_one(self, item: _Accepted, *, retry_s: float) -> None:
+        done = self._attempt([item], retry_s=retry_s)
+        if isinstance(done, list):
+            self._applied([item], done)
+        else:
+            # Results: not committed, so not acknowledged; the device sends the batch again.
+            self._storage_failed(item.channel, item.message, item.topic, done)
+
+    def _attempt(
+        self, items: list[_Accepted], *, retry_s: float
+    ) -> list[ingest.Applied] | SQLAlchemyError:
+        """Apply and commit ``items`` in a fresh session, retrying for up to ``retry_s``
+        while the database cannot be reached; the error when it failed for good."""
+        messages: list[tuple[ingest.Inbound, datetime]] = [
+            (item.message, item.received_at)  # type: ignore[misc]
+            for item in items
+        ]
+        keep = self._settings.telemetry_history
+        deadline = time.monotonic() + retry_s
         attempt = 0
         while True:
             try:
                 with Session(self._engine, expire_on_commit=False) as session:
-                    return write(session)
-            except DBAPIError as exc:
-                # Connection trouble is worth waiting out; anything else will not improve.
-                temporary = exc.connection_invalidated or isinstance(
-                    exc, OperationalError | InterfaceError
-                )
+                    applied = ingest.apply_batch(
+                        session,
+                        messages,
+                        keep=keep,
+                        seed=lambda key: not self.gaps.knows(key),
+                    )
+                    session.commit()
+                    return applied
+            except SQLAlchemyError as exc:
                 delay = min(2.0, 0.05 * 2**attempt)
-                if temporary and not self._stopping.is_set() and budget_left_s() > delay:
+                if (
+                    _temporary(exc)
+                    and not self._stopping.is_set()
+                    and deadline - time.monotonic() > delay
+                ):
                     if attempt == 0:
                         logger.warning(
-                            "database refused a message; retrying",
-                            extra={"topic": topic, "error": one_line(exc)},
+                            "database refused %d message(s); retrying",
+                            len(items),
+                            extra={"topic": items[0].topic, "error": one_line(exc)},
                         )
                     attempt += 1
                     self._stopping.wait(delay)
                     continue
-                self._storage_failed(channel, message, topic, exc)
-                return None
-            except SQLAlchemyError as exc:
-                self._storage_failed(channel, message, topic, exc)
-                return None
+                return exc
+
+    def _applied(self, items: list[_Accepted], applied: list[ingest.Applied]) -> None:
+        """After the commit: count, acknowledge results, follow gaps, push policies."""
+        hellos: list[str] = []
+        for item, done in zip(items, applied, strict=True):
+            channel, message = item.channel, item.message
+            if done.stored is not None:
+                assert isinstance(message, ResultBatch)
+                self._results_stored(message, done.stored, done.before)
+                continue
+            if done.outcome is not ingest.Ingested.APPLIED:
+                self._metrics.ignored.labels(channel.value, done.outcome.value).inc()
+                logger.info(
+                    "ignored inbound message",
+                    extra={
+                        "topic": item.topic,
+                        "device_id": message.device_id,
+                        "reason": done.outcome.value,
+                    },
+                )
+                continue
+            self._metrics.ingested.labels(channel.value).inc()
+            if done.coalesced:
+                self._metrics.ingest_coalesced.labels(channel.value).inc()
+            if channel is DeviceChannel.HELLO and message.device_id not in hellos:
+                hellos.append(message.device_id)
+        for device_id in hellos:
+            self._sync_policy(device_id)
 
     # -- results -----------------------------------------------------------------------
 
-    def _apply_results(self, item: _Accepted) -> None:
-        """Store a batch; after the commit, acknowledge all its seqs and look for gaps."""
-        batch = item.message
-        assert isinstance(batch, ResultBatch)
-        key = (batch.device_id, batch.boot_epoch)
-
-        def write(session: Session) -> tuple[ingest.StoredSeqs | None, ingest.StoredResults]:
-            before = None if self.gaps.knows(key) else ingest.stored_seqs(session, *key)
-            return before, ingest.store_results(session, batch, now=item.received_at)
-
-        done = self._store(item, write)
-        if done is None:
-            return  # not committed, so not acknowledged: the device sends the batch again
-        before, stored = done
+    def _results_stored(
+        self,
+        batch: ResultBatch,
+        stored: ingest.StoredResults,
+        before: ingest.StoredSeqs | None,
+    ) -> None:
+        """A committed batch: acknowledge all its seqs, then look for gaps."""
         self._metrics.ingested.labels(DeviceChannel.RESULTS.value).inc()
         self._metrics.results_ingested.inc(stored.inserted)
         self._metrics.results_duplicates.inc(stored.duplicates)
@@ -390,7 +517,7 @@ class Bridge:
             )
         self._acknowledge(batch, stored.seqs)
         change = self.gaps.observe(
-            key,
+            (batch.device_id, batch.boot_epoch),
             stored.seqs,
             contiguous=before.contiguous if before else 0,
             above=before.above if before else (),
@@ -462,11 +589,6 @@ class Bridge:
                 "deleted old results",
                 extra={"expired": purged.expired, "over_limit": purged.over_limit},
             )
-
-    def _retry_budget(self) -> Callable[[], float]:
-        """Seconds left to retry the current message."""
-        start = time.monotonic()
-        return lambda: self._settings.ingest_retry_s - (time.monotonic() - start)
 
     def _sync_policy(self, device_id: str) -> None:
         """Push the device's effective policy if its Hello changed it (worker thread)."""
@@ -558,3 +680,10 @@ class Bridge:
             logger.error("republishing desired state failed: %s", one_line(exc))
             return
         logger.info("republished desired state", extra={"devices": len(rows)})
+
+
+def _temporary(exc: SQLAlchemyError) -> bool:
+    """Connection trouble, worth waiting out; anything else will not improve by waiting."""
+    return isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    )

@@ -1,7 +1,9 @@
 """Applying what devices say to the database: the one write path for device records.
 
-Each function takes an open ``Session`` and a decoded message, writes, commits and says
-what it did as an ``Ingested`` value. The rules that keep a restarted agent safe from its
+Each per-message function takes an open ``Session`` and a decoded message, writes, commits
+and says what it did as an ``Ingested`` value; ``apply_batch`` applies many messages in one
+transaction (the bridge's worker path) and leaves the commit to its caller, with the same
+outcome per message as one by one would give. The rules that keep a restarted agent safe from its
 own past live here:
 
 * ``Hello`` always registers (upsert, online): it is the device's own word, sent after
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -55,6 +58,12 @@ class Ingested(StrEnum):
 
 
 def register(session: Session, hello: Hello, *, now: datetime) -> Ingested:
+    outcome = _register(session, hello, now=now)
+    session.commit()
+    return outcome
+
+
+def _register(session: Session, hello: Hello, *, now: datetime) -> Ingested:
     device = session.get(Device, hello.device_id)
     if device is None:
         device = Device(
@@ -96,7 +105,7 @@ def register(session: Session, hello: Hello, *, now: datetime) -> Ingested:
         DeviceLabel(device_id=hello.device_id, key=key, value=value)
         for key, value in hello.labels.items()
     )
-    session.commit()
+    session.flush()
     return Ingested.APPLIED
 
 
@@ -111,6 +120,12 @@ def _current(session: Session, device_id: str, boot_epoch: int) -> Device | Inge
 
 
 def apply_presence(session: Session, presence: Presence, *, now: datetime) -> Ingested:
+    outcome = _apply_presence(session, presence, now=now)
+    session.commit()
+    return outcome
+
+
+def _apply_presence(session: Session, presence: Presence, *, now: datetime) -> Ingested:
     device = _current(session, presence.device_id, presence.boot_epoch)
     if isinstance(device, Ingested):
         return device
@@ -125,59 +140,34 @@ def apply_presence(session: Session, presence: Presence, *, now: datetime) -> In
     if presence.status == DeviceStatus.ONLINE:
         device.last_seen = now  # an offline presence may be the broker speaking (Last Will)
     session.add(device)
-    session.commit()
+    session.flush()
     return Ingested.APPLIED
 
 
 def record_heartbeat(session: Session, heartbeat: Heartbeat, *, now: datetime) -> Ingested:
-    device = _current(session, heartbeat.device_id, heartbeat.boot_epoch)
-    if isinstance(device, Ingested):
-        return device
-    device.last_seen = now
-    device.boot_epoch = heartbeat.boot_epoch
-    session.add(device)
+    """The device is alive: ``last_seen`` (never backwards) and its boot epoch; commit."""
+    (applied,) = apply_batch(session, [(heartbeat, now)], keep=1)
     session.commit()
-    return Ingested.APPLIED
+    return applied.outcome
 
 
 def record_telemetry(
     session: Session, telemetry: Telemetry, *, now: datetime, keep: int
 ) -> Ingested:
-    """Store one sample and delete all but the newest ``keep`` of this device."""
-    device = _current(session, telemetry.device_id, telemetry.boot_epoch)
-    if isinstance(device, Ingested):
-        return device
-    device.last_seen = now
-    session.add(device)
-    session.add(
-        TelemetrySample(
-            device_id=device.id,
-            ts=telemetry.sent_at,
-            received_at=now,
-            metrics=dict(telemetry.metrics),
-        )
-    )
-    session.flush()
-    oldest_kept = session.exec(
-        select(TelemetrySample.id)
-        .where(col(TelemetrySample.device_id) == device.id)
-        .order_by(col(TelemetrySample.id).desc())
-        .offset(keep - 1)
-        .limit(1)
-    ).first()
-    if oldest_kept is not None:
-        session.exec(
-            delete(TelemetrySample).where(
-                col(TelemetrySample.device_id) == device.id,
-                col(TelemetrySample.id) < oldest_kept,
-            )
-        )
+    """Store one sample and delete all but the newest ``keep`` of this device; commit."""
+    (applied,) = apply_batch(session, [(telemetry, now)], keep=keep)
     session.commit()
-    return Ingested.APPLIED
+    return applied.outcome
 
 
 def record_reported(session: Session, report: ReportedState, *, now: datetime) -> Ingested:
     """Keep the device's latest report; one about an older generation is ignored."""
+    outcome = _record_reported(session, report, now=now)
+    session.commit()
+    return outcome
+
+
+def _record_reported(session: Session, report: ReportedState, *, now: datetime) -> Ingested:
     device = _current(session, report.device_id, report.boot_epoch)
     if isinstance(device, Ingested):
         return device
@@ -185,7 +175,7 @@ def record_reported(session: Session, report: ReportedState, *, now: datetime) -
     session.add(device)
     row = session.get(DeviceReported, device.id)
     if row is not None and report.observed_generation < row.observed_generation:
-        session.commit()
+        session.flush()
         return Ingested.STALE_GENERATION
     if row is None:
         row = DeviceReported(
@@ -202,7 +192,7 @@ def record_reported(session: Session, report: ReportedState, *, now: datetime) -
     row.boot_epoch = report.boot_epoch
     row.reported_at = now
     session.add(row)
-    session.commit()
+    session.flush()
     return Ingested.APPLIED
 
 
@@ -257,6 +247,12 @@ def _result_row(batch: ResultBatch, record: ResultRecord, now: datetime) -> dict
 
 def store_results(session: Session, batch: ResultBatch, *, now: datetime) -> StoredResults:
     """Insert the batch's records in one transaction, skipping stored ones, and commit."""
+    stored = _store_results(session, batch, now=now)
+    session.commit()
+    return stored
+
+
+def _store_results(session: Session, batch: ResultBatch, *, now: datetime) -> StoredResults:
     dialect = session.get_bind().dialect.name
     insert: Any
     if dialect == "postgresql":
@@ -268,7 +264,6 @@ def store_results(session: Session, batch: ResultBatch, *, now: datetime) -> Sto
     rows = [_result_row(batch, record, now) for record in batch.records]
     statement = insert(Result).values(rows).on_conflict_do_nothing(index_elements=_RESULT_KEY)
     inserted = session.exec(statement).rowcount
-    session.commit()
     return StoredResults(
         seqs=tuple(sorted({record.seq for record in batch.records})),
         inserted=inserted,
@@ -289,3 +284,162 @@ def stored_seqs(session: Session, device_id: str, boot_epoch: int) -> StoredSeqs
         return StoredSeqs(contiguous=int(high), above=frozenset())
     above = session.exec(select(Result.seq).where(*where, col(Result.seq) > low)).all()
     return StoredSeqs(contiguous=int(low), above=frozenset(int(seq) for seq in above))
+
+
+# -- batches ------------------------------------------------------------------------------
+
+Inbound = Hello | Presence | ReportedState | Heartbeat | Telemetry | ResultBatch
+"""Every message ``apply_batch`` knows."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What ``apply_batch`` did with one message of a batch."""
+
+    outcome: Ingested
+    coalesced: bool = False
+    """Applied, but a newer heartbeat of the same device in the batch wrote ``last_seen``
+    for it: it cost no write of its own."""
+    stored: StoredResults | None = None
+    """For a ``ResultBatch``: what was stored."""
+    before: StoredSeqs | None = None
+    """For a ``ResultBatch`` whose (device, boot epoch) ``seed`` asked for: what was stored
+    of it before this batch (and before any earlier message of this batch)."""
+
+
+def apply_batch(
+    session: Session,
+    messages: Sequence[tuple[Inbound, datetime]],
+    *,
+    keep: int,
+    seed: Callable[[tuple[str, int]], bool] = lambda key: False,
+) -> list[Applied]:
+    """Apply ``messages`` (each with the time it was received) in one transaction, without
+    committing; return one ``Applied`` per message, in order.
+
+    Hellos, presence, reports and results are applied one by one, in the given order.
+    Heartbeats and telemetry follow, set-based: the devices they name are read once, each
+    message is checked against its device's boot epoch as it stood after the messages
+    before it, then one ``UPDATE`` per device writes ``last_seen`` (the newest receive time,
+    never earlier than the stored one) and the boot epoch, telemetry rows go in as one
+    multi-row insert, and each device's history is trimmed to ``keep`` once. ``seed(key)``
+    says whether the stored seqs of a results key must be read first (for the gap tracker).
+    """
+    out: list[Applied | None] = [None] * len(messages)
+    data: list[int] = []
+    seeded: set[tuple[str, int]] = set()
+    for index, (message, now) in enumerate(messages):
+        if isinstance(message, Hello):
+            out[index] = Applied(_register(session, message, now=now))
+        elif isinstance(message, Presence):
+            out[index] = Applied(_apply_presence(session, message, now=now))
+        elif isinstance(message, ReportedState):
+            out[index] = Applied(_record_reported(session, message, now=now))
+        elif isinstance(message, ResultBatch):
+            key = (message.device_id, message.boot_epoch)
+            before = None
+            if key not in seeded and seed(key):
+                before = stored_seqs(session, *key)
+                seeded.add(key)
+            stored = _store_results(session, message, now=now)
+            out[index] = Applied(Ingested.APPLIED, stored=stored, before=before)
+        else:
+            data.append(index)
+    if data:
+        for index, applied in _apply_liveness(session, messages, data, keep=keep).items():
+            out[index] = applied
+    return [applied for applied in out if applied is not None]
+
+
+@dataclass
+class _Liveness:
+    """One device as the heartbeats and telemetry of a batch leave it."""
+
+    boot_epoch: int
+    last_seen: datetime
+    touched: bool = False
+    last_heartbeat: int | None = None
+    """Index of the newest applied heartbeat so far (an older one is coalesced)."""
+
+
+def _apply_liveness(
+    session: Session,
+    messages: Sequence[tuple[Inbound, datetime]],
+    indexes: list[int],
+    *,
+    keep: int,
+) -> dict[int, Applied]:
+    session.flush()  # the batch's hellos and presence count for what follows
+    connection = session.connection()
+    devices = Device.__table__  # type: ignore[attr-defined]
+    samples = TelemetrySample.__table__  # type: ignore[attr-defined]
+    ids = {messages[index][0].device_id for index in indexes}
+    state = {
+        row.id: _Liveness(int(row.boot_epoch), row.last_seen)
+        for row in connection.execute(
+            sa.select(devices.c.id, devices.c.boot_epoch, devices.c.last_seen).where(
+                devices.c.id.in_(sorted(ids))
+            )
+        )
+    }
+    out: dict[int, Applied] = {}
+    rows: list[dict[str, Any]] = []
+    for index in indexes:
+        message, now = messages[index]
+        device = state.get(message.device_id)
+        if device is None:
+            out[index] = Applied(Ingested.UNKNOWN_DEVICE)
+            continue
+        if message.boot_epoch < device.boot_epoch:
+            out[index] = Applied(Ingested.STALE_BOOT_EPOCH)
+            continue
+        device.touched = True
+        device.last_seen = max(device.last_seen, now)
+        out[index] = Applied(Ingested.APPLIED)
+        if isinstance(message, Heartbeat):
+            device.boot_epoch = message.boot_epoch
+            if device.last_heartbeat is not None:
+                out[device.last_heartbeat] = Applied(Ingested.APPLIED, coalesced=True)
+            device.last_heartbeat = index
+        else:
+            assert isinstance(message, Telemetry)
+            rows.append(
+                {
+                    "device_id": message.device_id,
+                    "ts": message.sent_at,
+                    "received_at": now,
+                    "metrics": dict(message.metrics),
+                }
+            )
+    touched = [
+        {"b_id": device_id, "b_last_seen": device.last_seen, "b_boot_epoch": device.boot_epoch}
+        for device_id, device in state.items()
+        if device.touched
+    ]
+    if touched:
+        connection.execute(
+            sa.update(devices)
+            .where(devices.c.id == sa.bindparam("b_id"))
+            .values(
+                last_seen=sa.bindparam("b_last_seen", type_=devices.c.last_seen.type),
+                boot_epoch=sa.bindparam("b_boot_epoch"),
+            ),
+            touched,
+        )
+    if rows:
+        connection.execute(sa.insert(samples), rows)
+        oldest_kept = (
+            sa.select(samples.c.id)
+            .where(samples.c.device_id == sa.bindparam("b_device"))
+            .order_by(samples.c.id.desc())
+            .offset(keep - 1)
+            .limit(1)
+            .scalar_subquery()
+        )
+        connection.execute(
+            sa.delete(samples).where(
+                samples.c.device_id == sa.bindparam("b_device"), samples.c.id < oldest_kept
+            ),
+            [{"b_device": device_id} for device_id in sorted({r["device_id"] for r in rows})],
+        )
+    return out

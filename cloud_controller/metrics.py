@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -100,6 +100,32 @@ class ControllerMetrics:
             "spillway_mqtt_messages_total",
             "Inbound MQTT messages applied, by channel.",
             ["channel"],
+            registry=self.registry,
+        )
+        self.ingest_received = Counter(
+            "spillway_ingest_received_total",
+            "Inbound MQTT messages accepted onto the ingest queues, by channel; each ends up "
+            "applied (spillway_mqtt_messages_total), ignored, rejected as storage_error or "
+            "internal_error, or still pending.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.ingest_coalesced = Counter(
+            "spillway_ingest_coalesced_total",
+            "Applied messages that cost no write of their own: a newer heartbeat of the same "
+            "device in the same batch wrote last_seen for them (counted as applied too).",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.ingest_batch_size = Histogram(
+            "spillway_ingest_batch_messages",
+            "Messages applied in one database transaction (batches of two or more).",
+            buckets=(2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+            registry=self.registry,
+        )
+        self.ingest_batch_fallbacks = Counter(
+            "spillway_ingest_batch_fallbacks_total",
+            "Batches the database refused as a whole, then applied one message at a time.",
             registry=self.registry,
         )
         self.connects = Counter(

@@ -88,8 +88,18 @@ class CloudSettings(BaseSettings):
     telemetry_history: int = Field(default=100, ge=1)
     """Telemetry samples kept per device; older ones are deleted as new ones arrive."""
     ingest_queue_max: int = Field(default=10_000, ge=1)
-    """Accepted messages that may wait for the database; beyond it new ones are dropped and
-    counted as ``queue_full``."""
+    """Accepted heartbeats, telemetry and results that may wait for the database; beyond it
+    new ones are dropped and counted as ``queue_full``."""
+    ingest_control_queue_max: int = Field(default=10_000, ge=1)
+    """Accepted control messages (hello, status, reported) that may wait for the database,
+    in a queue of their own that the worker empties first, so they never wait behind a
+    backlog of heartbeats and telemetry; beyond it new ones are dropped and counted as
+    ``queue_full``."""
+    ingest_batch_max: int = Field(default=500, ge=1)
+    """Most queued messages the worker applies in one database transaction."""
+    ingest_batch_linger_s: float = Field(default=0.02, ge=0)
+    """Seconds the worker waits for more messages after the first of a batch (while fewer
+    than ``ingest_batch_max`` are queued): fewer, larger commits at moderate load."""
     ingest_retry_s: float = Field(default=30.0, ge=0)
     """Seconds the bridge keeps retrying a message while the database is unreachable
     before dropping it and counting ``storage_error``."""

@@ -35,7 +35,7 @@ import typer
 
 from sim.broker import BrokerError, MosquittoBroker, free_port
 from sim.fleet import FleetProcesses, controller_http
-from sim.processes import ChildProcess
+from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, new_admin_token
 from sim.report import BenchReport, progress
 
 REST_P99_TARGET_MS = 100.0
@@ -78,6 +78,18 @@ def backlog_slope(times_s: list[float], pending: list[float]) -> float:
     return float(slope)
 
 
+def _coalesced(metrics: dict[str, float]) -> float:
+    return metrics.get('spillway_ingest_coalesced_total{channel="heartbeat"}', 0.0)
+
+
+def _batches(metrics: dict[str, float]) -> tuple[float, float]:
+    """(transactions of two or more messages, messages in them) so far."""
+    return (
+        metrics.get("spillway_ingest_batch_messages_count", 0.0),
+        metrics.get("spillway_ingest_batch_messages_sum", 0.0),
+    )
+
+
 def _applied(metrics: dict[str, float]) -> float:
     return sum(
         metrics.get(f'spillway_mqtt_messages_total{{channel="{c}"}}', 0.0)
@@ -89,6 +101,8 @@ class _Controller:
     def __init__(self, broker: MosquittoBroker, work: Path, options: FleetOptions) -> None:
         self.port = free_port()
         url = options.database_url or f"sqlite:///{work / 'controller.db'}"
+        self.token = new_admin_token()
+        """The controller's bootstrap admin token: every REST call of the bench sends it."""
         self.proc = ChildProcess(
             "controller",
             [
@@ -109,9 +123,10 @@ class _Controller:
                 "SPILLWAY_SIGNING_KEY_PATH": str(work / "keys" / "signing.key"),
                 "SPILLWAY_INGEST_QUEUE_MAX": str(max(10_000, options.agents * 20)),
                 "SPILLWAY_MAX_PAGE_SIZE": "500",
+                ADMIN_TOKEN_ENV: self.token,
             },
         )
-        self.http = controller_http(f"http://127.0.0.1:{self.port}")
+        self.http = controller_http(f"http://127.0.0.1:{self.port}", token=self.token)
         self.database = "PostgreSQL" if url.startswith("postgresql") else "SQLite"
 
     def start(self, timeout_s: float) -> None:
@@ -236,7 +251,9 @@ def run_fleet_bench(
             samples: list[dict[str, float]] = []
             latencies: list[float] = []
             stop = threading.Event()
-            probe_http = controller_http(f"http://127.0.0.1:{controller.port}")
+            probe_http = controller_http(
+                f"http://127.0.0.1:{controller.port}", token=controller.token
+            )
             probe = threading.Thread(
                 target=_probe_rest, args=(probe_http, stop, latencies), daemon=True
             )
@@ -254,6 +271,9 @@ def run_fleet_bench(
                             "t_s": time.perf_counter() - t0,
                             "pending": m.get("spillway_ingest_pending", float("nan")),
                             "applied": _applied(m) - _applied(first),
+                            "coalesced": _coalesced(m) - _coalesced(first),
+                            "batches": _batches(m)[0] - _batches(first)[0],
+                            "batched": _batches(m)[1] - _batches(first)[1],
                             "sent": sent["heartbeats"]
                             + sent["telemetry"]
                             - sent0["heartbeats"]
@@ -321,6 +341,9 @@ def _fill(
     span = times[-1] if times else 1.0
     sent_rate = samples[-1]["sent"] / span if samples else 0.0
     applied_rate = samples[-1]["applied"] / span if samples else 0.0
+    coalesced_rate = samples[-1]["coalesced"] / span if samples else 0.0
+    batches = samples[-1]["batches"] if samples else 0.0
+    mean_batch = samples[-1]["batched"] / batches if batches else float("nan")
     half = len(samples) // 2
     slope = backlog_slope(times[half:], pending[half:])
     p50 = statistics.median(latencies) if latencies else float("nan")
@@ -334,6 +357,8 @@ def _fill(
             {"measure": "agents connected and registered (ramp s)", "value": ramp_s},
             {"measure": "heartbeat + telemetry sent /s", "value": sent_rate},
             {"measure": "applied by the controller /s", "value": applied_rate},
+            {"measure": "  of which heartbeats coalesced /s", "value": coalesced_rate},
+            {"measure": "messages per transaction (batches of 2+), mean", "value": mean_batch},
             {"measure": "ingest pending, max", "value": max(pending, default=float("nan"))},
             {"measure": "ingest pending, last", "value": pending[-1] if pending else float("nan")},
             {"measure": "backlog slope, 2nd half (msgs/s)", "value": slope},

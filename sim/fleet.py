@@ -12,7 +12,8 @@ its telemetry numbers are synthetic, and every report calls these agents "simula
 loop (``loop_read``/``loop_write``/``loop_misc`` over a selector), so a fleet of N costs
 a few processes, not N threads. ``FleetProcesses`` starts the workers and collects their
 counters. ``controller_http`` is the one place a benchmark builds its REST client (and
-where an admin token is added when ``SPILLWAY_ADMIN_TOKEN`` is set).
+where the admin token is added: the one the benchmark gave its controller, else
+``SPILLWAY_ADMIN_TOKEN``).
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ AGENT_VERSION = "sim-1"
 BOOT_EPOCH = 1
 
 
-def controller_http(base_url: str, *, timeout_s: float = 30.0) -> httpx.Client:
-    """The REST client every simulator call goes through (auth header in one place)."""
+def controller_http(
+    base_url: str, *, token: str | None = None, timeout_s: float = 30.0
+) -> httpx.Client:
+    """The REST client every simulator call goes through (auth header in one place):
+    ``token``, else ``SPILLWAY_ADMIN_TOKEN`` from the environment, else none."""
     headers = {}
-    token = os.environ.get("SPILLWAY_ADMIN_TOKEN")
+    token = token or os.environ.get("SPILLWAY_ADMIN_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
