@@ -123,7 +123,8 @@ def record(
             "action": action,
             "object": f"{object_type}:{entry.object_id}",
             "outcome": outcome.value,
-            "request_id": entry.request_id,
+            # request_id: added to every record made during a request (request_ids);
+            # passing it here too would make logging raise KeyError.
         },
     )
     return entry

@@ -149,7 +149,9 @@ def ensure(engine: Engine, *, secret: str, role: Role, name: str, now: datetime)
             try:
                 row, _ = create(session, name=name, role=role, now=now, secret=secret)
                 session.commit()
-                logger.info("bootstrap token created", extra={"token_id": row.id, "name": name})
+                logger.info(
+                    "bootstrap token created", extra={"token_id": row.id, "token_name": name}
+                )
             except IntegrityError:
                 session.rollback()
                 row = session.exec(select(ApiToken).where(ApiToken.sha256 == digest(secret))).one()
