@@ -86,8 +86,9 @@ class DemoSettings:
     wave_interval_s: float = 3.0
     """Observation time of a rollout wave before its gates are evaluated."""
     quality_sample_share: float = 0.5
-    burst_factor: float = 4.0
-    """Burst rate as a multiple of the fleet's measured edge capacity."""
+    burst_factor: float = 10.0
+    """Burst rate as a multiple of the fleet's measured batch-1 edge capacity (batching lets
+    an agent serve several times that, so the burst must be well above it to overflow)."""
     base_factor: float = 0.4
     """Steady rate as a multiple of the fleet's measured edge capacity."""
     edge_slo_ms: float = 1000.0
@@ -419,7 +420,6 @@ class _Demo:
         for i, device_id in enumerate(self.ids):
             profile = profile_for(i)
             self.profiles[device_id] = profile.hardware_class
-            ports[device_id] = free_port()
             self._start(
                 ChildProcess(
                     device_id,
@@ -445,7 +445,7 @@ class _Demo:
                         "--variant",
                         FP32,
                         "--http-port",
-                        str(ports[device_id]),
+                        "0",  # any free port: the agent logs the one it bound
                         "--intra-op-threads",
                         "1",
                     ],
@@ -456,6 +456,14 @@ class _Demo:
                     },
                 )
             )
+        log = self.work / "logs"
+        _poll(
+            "the agents' HTTP ingress",
+            lambda: self._bound_ports(ports),
+            self.settings.startup_timeout_s,
+            self.children,
+            log=log,
+        )
         self.targets = [(d, f"http://127.0.0.1:{ports[d]}") for d in self.ids]
 
         def all_online() -> bool:
@@ -467,7 +475,6 @@ class _Demo:
                 httpx.get(f"{url}/healthz", timeout=2).status_code == 200 for _, url in self.targets
             )
 
-        log = self.work / "logs"
         _poll(
             f"{len(self.ids)} agents online",
             all_online,
@@ -515,6 +522,17 @@ class _Demo:
         self._timed("agents", t0)
         listed = ", ".join(f"{d} ({self.profiles[d].removeprefix('jetson-')})" for d in self.ids)
         self.say(f"agents      {len(self.ids)} online, serving {FP32} {MODEL_VERSION}: {listed}")
+
+    def _bound_ports(self, ports: dict[str, int]) -> bool:
+        """Read each agent's ``http ingress listening`` log line for the port it bound."""
+        for child in self.children:
+            if child.name not in self.ids or child.name in ports or not child.log_path.exists():
+                continue
+            for line in child.log_path.read_text(errors="replace").splitlines():
+                if '"http ingress listening"' in line:
+                    ports[child.name] = int(json.loads(line)["port"])
+                    break
+        return len(ports) == len(self.ids)
 
     # 6
     def rollout(self) -> list[Served]:
@@ -656,7 +674,7 @@ class _Demo:
         # One intra-op thread per agent, but never more busy agents than cores.
         capacity = per_agent * min(len(self.ids), os.cpu_count() or 1)
         d = self.settings.duration_s
-        burst_s = max(1.0, 0.3 * d)
+        burst_s = max(3.0, 0.3 * d)
         first_burst_s = 0.4 * d
         base = max(1.0, self.settings.base_factor * capacity)
         burst = max(base * 2, self.settings.burst_factor * capacity)
