@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -24,43 +25,121 @@ ALL_BENCHES = ("models", "agent", "pool", "rollout", "overflow", "fleet")
 
 
 def demo(
-    agents: int = typer.Option(3, "--agents", min=1, max=200, help="Number of edge agents."),
-    duration: float = typer.Option(20.0, "--duration", min=0, help="Seconds to run once up."),
+    agents: int = typer.Option(3, "--agents", min=1, max=50, help="Number of edge agents."),
+    duration: float = typer.Option(
+        20.0, "--duration", min=2, help="Seconds of traffic (steady, burst, steady)."
+    ),
     report: Path | None = typer.Option(None, "--report", help="Write the JSON report here."),
     work_dir: Path = typer.Option(Path("var/demo"), "--work-dir", help="State and logs."),
+    model_dir: Path = typer.Option(
+        Path("var/models"), "--model-dir", help="Model variants (built there when missing)."
+    ),
     port: int | None = typer.Option(None, "--port", help="Controller HTTP port (default: free)."),
+    keep_running: bool = typer.Option(
+        False, "--keep-running", help="Stay up (light traffic) after the summary until Ctrl-C."
+    ),
 ) -> None:
-    """Run the whole story: broker, controller, agents, a policy rollout, a summary."""
+    """The whole story: broker, controller, models, cloud pool, agents, an INT8 rollout,
+    traffic with a burst that overflows to the cloud, and a summary."""
     console = Console()
-    settings = DemoSettings(agents=agents, duration_s=duration, work_dir=work_dir, http_port=port)
+    settings = DemoSettings(
+        agents=agents,
+        duration_s=duration,
+        work_dir=work_dir,
+        http_port=port,
+        model_dir=model_dir,
+        keep_running=keep_running,
+    )
+    t0 = time.monotonic()
+
+    def summarize(result: DemoReport) -> None:
+        _summary(console, result, took_s=time.monotonic() - t0)
+        if report is not None:
+            write_report(result, report)
+            console.print(f"report      {report}", highlight=False, soft_wrap=True)
+
     try:
-        result = run_demo(settings, say=lambda line: console.print(line, highlight=False))
+        run_demo(
+            settings,
+            say=lambda line: console.print(line, highlight=False, soft_wrap=True),
+            summary=summarize,
+        )
     except (DemoError, BrokerError) as exc:
         typer.echo(f"spillway demo: {exc}", err=True)
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
-        typer.echo("spillway demo: interrupted; everything stopped", err=True)
-        raise typer.Exit(130) from None
-    _summary(console, result)
-    if report is not None:
-        write_report(result, report)
-        console.print(f"report      {report}")
+        typer.echo("spillway demo: stopped; every process ended", err=True)
+        raise typer.Exit(0 if keep_running else 130) from None
 
 
-def _summary(console: Console, result: DemoReport) -> None:
-    table = Table(title="Fleet at the end of the demo")
-    for column in ("device", "hardware class", "status", "policy gen", "staleness s"):
-        table.add_column(column)
-    for device in result.devices:
-        reported = device.get("reported") or {}
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _summary(console: Console, result: DemoReport, *, took_s: float) -> None:
+    table = Table(title=f"Demo fleet after {result.traffic.get('duration_s', 0):.0f}s of traffic")
+    for column in ("device", "profile", "status", "variant", "requests", "edge", "cloud"):
+        table.add_column(
+            column, justify="right" if column in ("requests", "edge", "cloud") else "left"
+        )
+    for column in ("p50 ms", "p99 ms", "req/s", "offload"):
+        table.add_column(column, justify="right")
+    rows = [(d["id"], d) for d in result.devices]
+    totals = result.traffic.get("totals", {})
+    for name, device in rows:
+        t = device["traffic"]
         table.add_row(
-            device["id"],
-            device.get("hardware_class", ""),
-            device["status"],
-            str(reported.get("observed_generation", "-")),
-            f"{device.get('staleness_age_s', 0):.1f}",
+            name,
+            device["profile"].removeprefix("jetson-"),
+            str(device.get("status")),
+            str(device.get("variant")),
+            str(t["requests"]),
+            str(t["edge"]),
+            str(t["cloud"]),
+            _ms(t["p50_ms"]),
+            _ms(t["p99_ms"]),
+            f"{t['throughput_rps']:.1f}",
+            f"{t['offload_ratio']:.0%}",
+        )
+    if totals:
+        table.add_row(
+            "fleet",
+            f"{len(rows)} devices",
+            f"{sum(1 for d in result.devices if d.get('status') == 'online')} online",
+            ", ".join(f"{k} {v}" for k, v in (result.fleet.get("by_variant") or {}).items()),
+            str(totals["requests"]),
+            str(totals["edge"]),
+            str(totals["cloud"]),
+            _ms(totals["p50_ms"]),
+            _ms(totals["p99_ms"]),
+            f"{totals['throughput_rps']:.1f}",
+            f"{totals['offload_ratio']:.0%}",
+            style="bold",
         )
     console.print(table)
+    burst, steady = result.traffic.get("burst", {}), result.traffic.get("steady", {})
+    if burst:
+        console.print(
+            f"overflow    burst: {burst['offload_ratio']:.0%} of {burst['ok']} answers from the "
+            f"cloud, p99 {_ms(burst['p99_ms'])} ms; steady: {steady['offload_ratio']:.0%}, "
+            f"p99 {_ms(steady['p99_ms'])} ms",
+            highlight=False,
+        )
+    rollout = result.rollout
+    if rollout:
+        console.print(
+            f"rollout     #{rollout['id']} {rollout['state']} in {rollout['duration_s']:.0f}s "
+            f"({len(rollout['waves'])} waves)",
+            highlight=False,
+        )
+    build = result.models.get("build", {})
+    steps = ", ".join(f"{k} {v:.0f}s" for k, v in result.steps_s.items())
+    console.print(
+        f"took        {took_s:.0f}s in all ({steps}); model build "
+        f"{'cold' if build.get('built') else 'cached'}",
+        highlight=False,
+    )
+    console.print(f"dashboard   {result.dashboard_url}", highlight=False)
 
 
 def _bench_args(name: str, out: Path, model_dir: Path) -> list[str]:
