@@ -86,7 +86,7 @@ class DemoSettings:
     wave_interval_s: float = 3.0
     """Observation time of a rollout wave before its gates are evaluated."""
     quality_sample_share: float = 0.5
-    burst_factor: float = 4.0
+    burst_factor: float = 10.0
     """Burst rate as a multiple of the fleet's measured batch-1 edge capacity (batching lets
     an agent serve several times that, so the burst must be well above it to overflow)."""
     base_factor: float = 0.4
@@ -674,7 +674,7 @@ class _Demo:
         # One intra-op thread per agent, but never more busy agents than cores.
         capacity = per_agent * min(len(self.ids), os.cpu_count() or 1)
         d = self.settings.duration_s
-        burst_s = max(4.0, 0.3 * d)
+        burst_s = max(3.0, 0.3 * d)
         first_burst_s = 0.4 * d
         base = max(1.0, self.settings.base_factor * capacity)
         burst = max(base * 2, self.settings.burst_factor * capacity)
