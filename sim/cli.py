@@ -42,6 +42,8 @@ def demo(
     """The whole story: broker, controller, models, cloud pool, agents, an INT8 rollout,
     traffic with a burst that overflows to the cloud, and a summary."""
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: do not squeeze the table to 80 columns
+        console = Console(width=140)
     settings = DemoSettings(
         agents=agents,
         duration_s=duration,
