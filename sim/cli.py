@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,7 @@ def demo(
             write_report(result, report)
             console.print(f"report      {report}", highlight=False, soft_wrap=True)
 
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # `kill` stops every child too
     try:
         run_demo(
             settings,
@@ -72,6 +74,10 @@ def demo(
     except KeyboardInterrupt:
         typer.echo("spillway demo: stopped; every process ended", err=True)
         raise typer.Exit(0 if keep_running else 130) from None
+
+
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _ms(value: float | None) -> str:

@@ -86,7 +86,7 @@ class DemoSettings:
     wave_interval_s: float = 3.0
     """Observation time of a rollout wave before its gates are evaluated."""
     quality_sample_share: float = 0.5
-    burst_factor: float = 10.0
+    burst_factor: float = 4.0
     """Burst rate as a multiple of the fleet's measured batch-1 edge capacity (batching lets
     an agent serve several times that, so the burst must be well above it to overflow)."""
     base_factor: float = 0.4
@@ -585,7 +585,12 @@ class _Demo:
         stop = threading.Event()
         trickle: list[Served] = []
         rate = 1.0 * n
-        trace = poisson(rate, duration_s=self.settings.rollout_timeout_s, slo_ms=250, seed=7)
+        trace = poisson(
+            rate,
+            duration_s=self.settings.rollout_timeout_s,
+            slo_ms=3 * self.settings.edge_slo_ms,
+            seed=7,
+        )
         thread = threading.Thread(
             target=lambda: trickle.extend(
                 replay(trace, self.targets, stop=stop, first_index=10**6)
@@ -684,7 +689,7 @@ class _Demo:
             burst_s=burst_s,
             period_s=max(d, burst_s),
             duration_s=d,
-            slo_ms=250,
+            slo_ms=2 * self.settings.edge_slo_ms,
             first_burst_s=first_burst_s,
             seed=11,
         )
@@ -748,7 +753,12 @@ class _Demo:
             f"(spillway rollout status {self.report.rollout.get('id', '')})"
         )
         stop = threading.Event()
-        trace = poisson(1.0 * len(self.ids), duration_s=7 * 24 * 3600.0, slo_ms=250, seed=13)
+        trace = poisson(
+            1.0 * len(self.ids),
+            duration_s=7 * 24 * 3600.0,
+            slo_ms=3 * self.settings.edge_slo_ms,
+            seed=13,
+        )
         thread = threading.Thread(
             target=lambda: replay(trace, self.targets, stop=stop, first_index=2 * 10**6),
             name="demo-idle-traffic",

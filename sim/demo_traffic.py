@@ -66,10 +66,17 @@ class Served:
 
 
 async def _send(
-    client: httpx.AsyncClient, url: str, device_id: str, index: int, at_s: float, start: float
+    client: httpx.AsyncClient,
+    url: str,
+    device_id: str,
+    index: int,
+    at_s: float,
+    start: float,
+    deadline_ms: int,
 ) -> Served:
+    request = {"texts": request_texts(index), "deadline_ms": deadline_ms}
     try:
-        response = await client.post(f"{url}/v1/embed", json={"texts": request_texts(index)})
+        response = await client.post(f"{url}/v1/embed", json=request)
         body: dict[str, Any] = response.json()
     except (httpx.HTTPError, ValueError):
         return Served(device_id, at_s, (time.monotonic() - start - at_s) * 1000, "http_error")
@@ -92,6 +99,10 @@ async def _replay(
     first_index: int,
 ) -> list[Served]:
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    # Every request carries the trace's SLO as its deadline: past it the agent answers
+    # ``deadline_exceeded`` at once instead of computing a useless answer, and the overflow
+    # policy sends work that would miss it to the cloud.
+    deadline_ms = int(trace.slo_ms)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.monotonic()
         tasks: list[asyncio.Task[Served]] = []
@@ -103,7 +114,9 @@ async def _replay(
                 await asyncio.sleep(delay)
             device_id, url = targets[i % len(targets)]
             tasks.append(
-                asyncio.create_task(_send(client, url, device_id, first_index + i, at_s, start))
+                asyncio.create_task(
+                    _send(client, url, device_id, first_index + i, at_s, start, deadline_ms)
+                )
             )
         return list(await asyncio.gather(*tasks))
 

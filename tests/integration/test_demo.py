@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_tells_the_whole_story(tmp_path: Path, serving_models: Path) -> None:
     report = tmp_path / "r.json"
-    done = subprocess.run(
+    demo = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -30,10 +32,18 @@ def test_demo_tells_the_whole_story(tmp_path: Path, serving_models: Path) -> Non
             "--model-dir",
             str(serving_models),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=400,
+        start_new_session=True,  # its broker, controller, pool and agents share its group
     )
+    try:
+        stdout, stderr = demo.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(demo.pid, signal.SIGKILL)  # no orphan keeps loading the machine
+        stdout, stderr = demo.communicate()
+        pytest.fail(f"the demo did not finish in 400 s: {stdout[-2000:]} {stderr[-1000:]}")
+    done = subprocess.CompletedProcess(demo.args, demo.returncode, stdout, stderr)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-2000:])
     body = json.loads(report.read_text())
     assert body["controller_url"] in done.stdout
