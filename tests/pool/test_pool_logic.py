@@ -116,5 +116,6 @@ def test_public_api_is_exactly_all() -> None:
         "replica",
         "kubernetes",
         "cli",
+        "metrics",
     }
     assert public - submodules == set(pool_pkg.__all__)
