@@ -382,6 +382,7 @@ class Agent:
                 timeout_s=settings.model_chunk_timeout_s,
                 attempts=settings.model_chunk_attempts,
                 fsync_bytes=settings.model_progress_fsync_bytes,
+                listen_first_s=settings.model_listen_first_s,
             ),
             clock=self._clock,
             connected=lambda: client.is_connected,

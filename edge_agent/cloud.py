@@ -5,7 +5,10 @@ one. It publishes ``InferRequest`` (QoS 1) on the pool's queue topic with this d
 reply topic, a fresh correlation id and a message expiry, and awaits the matching
 ``InferResponse``. It follows the pool's retained ``PoolStatus``; a broker that is away, a
 timeout or a refusal marks the cloud unavailable for a cool-down, so requests are served
-locally instead of waiting on a pool that is not there. Every failure is one of::
+locally instead of waiting on a pool that is not there. The cool-down grows while the
+pool keeps failing: ``cooldown_min_s`` after an answer, doubled by each failure after a
+cool-down ended, at most ``cooldown_s``; an answer resets it. A pool that is merely slow
+for a moment is tried again soon; one that is gone is asked rarely. Every failure is one of::
 
     CloudUnavailable      temporary: serve this request locally
     ├── CloudNotConnected the broker is not reachable now
@@ -86,6 +89,7 @@ class MqttCloudClient:
         connected: Callable[[], bool],
         clock: Clock,
         cooldown_s: float,
+        cooldown_min_s: float | None = None,
         rejects: RejectCounter,
     ) -> None:
         self._client = client
@@ -94,6 +98,11 @@ class MqttCloudClient:
         self._connected = connected
         self._clock = clock
         self._cooldown_s = cooldown_s
+        self._cooldown_min_s = min(
+            cooldown_s, cooldown_s if cooldown_min_s is None else cooldown_min_s
+        )
+        self._cool_s = 0.0
+        """The current cool-down; 0 after an answer."""
         self._rejects = rejects
         self._reply_topic = topics.replies(device_id)
         self._lock = threading.Lock()
@@ -152,17 +161,24 @@ class MqttCloudClient:
                 self._waiting.pop(correlation, None)
         if response.status in (InferStatus.OVERLOADED, InferStatus.ERROR):
             raise self._failed(CloudRefused(f"pool answered {response.status.value}"))
+        with self._lock:
+            self._cool_s = 0.0
         return response
 
     # -- internals -----------------------------------------------------------------------
 
     def _failed(self, exc: CloudUnavailable) -> CloudUnavailable:
+        now = self._clock.monotonic()
         with self._lock:
-            self._cool_until = self._clock.monotonic() + self._cooldown_s
+            if now >= self._cool_until:  # a new failure, not one more of the same episode
+                grown = 2 * self._cool_s if self._cool_s else self._cooldown_min_s
+                self._cool_s = min(self._cooldown_s, grown)
+                self._cool_until = now + self._cool_s
+            cool_s = self._cool_s
             self.failures[exc.why] = self.failures.get(exc.why, 0) + 1
         logger.warning(
             "cloud pool unavailable; serving locally",
-            extra={"why": exc.why, "detail": str(exc), "cooldown_s": self._cooldown_s},
+            extra={"why": exc.why, "detail": str(exc), "cooldown_s": cool_s},
         )
         return exc
 

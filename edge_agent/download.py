@@ -9,7 +9,8 @@ any chunk it still needs, whoever asked for it (so it rarely has to ask at all w
 others lead). Each request carries a fresh correlation id, the id of the current
 subscription (``listener``, drawn again after every subscribe and reconnect) and how many
 times the chunk was asked for. Every frame is unframed and checked by
-``protocol.transfer.decode_chunk`` (its own sha256); a chunk this agent asked for (same
+``protocol.transfer.check_chunk`` (its own sha256) unless it is a copy of a chunk already
+verified, which is dropped on its header alone; a chunk this agent asked for (same
 correlation, or same offset and length) must match its request exactly, another one is
 taken only if it fits the artifact's size and this agent's chunk grid, else ignored.
 Chunks are written at their offset into ``<staging>/<sha256>/partial``; the *verified
@@ -68,7 +69,8 @@ from protocol.transfer import (
     ChunkResponse,
     ChunkStatus,
     TransferDone,
-    decode_chunk,
+    check_chunk,
+    read_chunk_frame,
 )
 
 logger = logging.getLogger(__name__)
@@ -140,6 +142,43 @@ class PullSettings:
     attempts: int = 8
     fsync_bytes: int = 8 * 1024 * 1024
     """Verified bytes between two durable progress records (``model_progress_fsync_bytes``)."""
+    listen_first_s: float = 0.25
+    """After subscribing, how long to only listen before asking (``model_listen_first_s``)."""
+
+
+def next_offsets(
+    *,
+    verified: int,
+    size: int | None,
+    step: int,
+    front: int,
+    taken: Callable[[int], bool],
+    count: int,
+) -> list[int]:
+    """The next grid offsets (``verified + i * step``) to ask for, at most ``count``.
+
+    First those at or past ``front`` (the end of the newest chunk taken), then the gaps
+    left behind it, lowest first. Alone, an agent asks in order as before; joining a
+    broadcast that other devices lead, it asks ahead of that stream (the same chunks the
+    leaders ask for, so the controller publishes each once for all) and takes the chunks
+    as they pass, then fills what it missed before it joined - when every late joiner
+    does so at about the same time, one publish of each missed chunk serves them all.
+    ``size`` None (not yet known): only ``verified``. ``taken(offset)``: verified out of
+    order or already asked.
+    """
+    if count <= 0:
+        return []
+    if size is None:
+        return [] if taken(verified) else [verified]
+    chosen: list[int] = []
+    start = verified + max(0, front - verified) // step * step
+    for first, stop in ((start, size), (verified, start)):
+        offset = first
+        while offset < stop and len(chosen) < count:
+            if not taken(offset):
+                chosen.append(offset)
+            offset += step
+    return chosen
 
 
 @dataclass
@@ -178,6 +217,9 @@ class _Listening:
     subscribed: bool = False
     paused_until: float | None = None
     """Set after a ``busy``: not listening nor asking until then."""
+    quiet_until: float = 0.0
+    """Just subscribed: ask nothing before then unless a chunk comes (a broadcast that
+    others lead is followed from where it is, not asked for again from the start)."""
 
 
 class ChunkPuller:
@@ -210,6 +252,8 @@ class ChunkPuller:
         self.chunks_rejected = 0
         self.chunks_unasked = 0
         """Verified chunks taken from the broadcast without a request of this agent's."""
+        self.chunks_duplicate = 0
+        """Broadcast copies of chunks it already had, dropped before hashing."""
         self.busy_answers = 0
         self.retries = 0
 
@@ -228,6 +272,7 @@ class ChunkPuller:
                 "chunks_verified": self.chunks_verified,
                 "chunks_rejected": self.chunks_rejected,
                 "chunks_unasked": self.chunks_unasked,
+                "chunks_duplicate": self.chunks_duplicate,
                 "chunk_busy": self.busy_answers,
                 "chunk_retries": self.retries,
             }
@@ -345,7 +390,7 @@ class ChunkPuller:
         asked: dict[int, bytes] = {}  # offset -> correlation of its pending request
         sends: dict[int, int] = {}  # offset -> requests sent for it in this fetch
         done: dict[int, int] = {}  # offset -> length, verified chunks beyond ``verified``
-        cursor = verified  # every grid offset below it is verified, done or pending
+        front = verified  # the grid offset after the newest chunk taken
         was_connected = self._connected()
         if progress is not None and size is not None:
             progress(verified, size)
@@ -359,22 +404,25 @@ class ChunkPuller:
             was_connected = connected
             if listening.paused_until is not None and now >= listening.paused_until:
                 listening.paused_until = None
-                cursor = verified
             if listening.paused_until is None:
                 if not listening.subscribed:
                     self._listen(listening)
+                    listening.quiet_until = now + settings.listen_first_s
                 limit = 1 if size is None else settings.window
-                if not self._answers.empty():
+                quiet = size is not None and front == verified and now < listening.quiet_until
+                if quiet or not self._answers.empty():
                     limit = 0  # take what has come first: it may be what it would ask for
-                cursor = max(cursor, verified)
-                while len(pending) < limit and not (size is None and pending):
-                    while cursor in done or cursor in asked:
-                        cursor += step
-                    if size is not None and cursor >= size:
-                        break
-                    sends[cursor] = sends.get(cursor, 0) + 1
-                    self._send(pending, asked, sha256, listening, cursor, 1, sends[cursor], now)
-                    cursor += step
+                ahead = next_offsets(
+                    verified=verified,
+                    size=size,
+                    step=step,
+                    front=front,
+                    taken=lambda offset: offset in done or offset in asked,
+                    count=max(0, limit - len(pending)) if size is not None else int(not pending),
+                )
+                for offset in ahead:
+                    sends[offset] = sends.get(offset, 0) + 1
+                    self._send(pending, asked, sha256, listening, offset, 1, sends[offset], now)
                 self._resend_overdue(pending, asked, sends, sha256, listening, now)
             try:
                 message = self._answers.get(timeout=_POLL_S)
@@ -382,7 +430,18 @@ class ChunkPuller:
                 continue
             mine = pending.get(message.correlation_data or b"")
             try:
-                header, data = decode_chunk(message.payload, max_bytes=self._max_frame)
+                header, data = read_chunk_frame(message.payload, max_bytes=self._max_frame)
+                if (
+                    header.status is ChunkStatus.OK
+                    and header.artifact_sha256 == sha256
+                    and (header.offset < verified or header.offset in done)
+                ):
+                    if mine is not None:  # answered already by another device's copy
+                        self._forget(pending, asked, mine)
+                    with self._lock:
+                        self.chunks_duplicate += 1
+                    continue  # a copy of a chunk it has: not worth hashing
+                check_chunk(header, data)
             except DecodeError as exc:
                 with self._lock:
                     self.chunks_rejected += 1
@@ -425,10 +484,9 @@ class ChunkPuller:
             else:
                 continue
             assert size is not None
-            if header.offset < verified or header.offset in done:
-                continue  # a duplicate
             self._write(staged.fd, header.offset, data)
             done[header.offset] = len(data)
+            front = max(front, header.offset + step)
             stale = asked.get(header.offset)
             if stale is not None:
                 self._forget(pending, asked, pending[stale])
@@ -448,7 +506,7 @@ class ChunkPuller:
     def _fits(
         self,
         header: ChunkResponse,
-        data: bytes,
+        data: memoryview,
         sha256: str,
         size: int | None,
         base: int,
@@ -456,7 +514,7 @@ class ChunkPuller:
         done: dict[int, int],
     ) -> bool:
         """A chunk nobody here asked for: useful only if it is exactly one this fetch
-        would ask for (its own sha256 was checked by ``decode_chunk``)."""
+        would ask for (its own sha256 was checked by ``check_chunk``)."""
         step = self._settings.chunk_bytes
         offset = header.offset
         return (
@@ -470,7 +528,12 @@ class ChunkPuller:
         )
 
     def _check_chunk(
-        self, header: ChunkResponse, data: bytes, asked: _Pending, sha256: str, size: int | None
+        self,
+        header: ChunkResponse,
+        data: memoryview,
+        asked: _Pending,
+        sha256: str,
+        size: int | None,
     ) -> int:
         if header.artifact_sha256 != sha256 or header.offset != asked.offset:
             raise ArtifactMismatch(
@@ -600,7 +663,7 @@ class ChunkPuller:
 
     # -- durability ------------------------------------------------------------------------
 
-    def _write(self, fd: int, offset: int, data: bytes) -> None:
+    def _write(self, fd: int, offset: int, data: memoryview) -> None:
         try:
             view = memoryview(data)
             while view:

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from edge_agent.clock import Clock
 from edge_agent.serving import EmbedOutcome, EmbedRequest, ServingError, ServingRuntime
@@ -104,6 +105,9 @@ def create_app(runtime: ServingRuntime, *, clock: Clock) -> FastAPI:
             body = EmbedBody.model_validate_json(await request.body())
         except ValidationError as exc:
             return invalid_body(exc.errors())
+        except ClientDisconnect:  # gave up before its body arrived: nothing to answer
+            logger.info("client left before sending its request body")
+            return Response(status_code=499)
         deadline = None
         if body.deadline_ms is not None:
             deadline = clock.monotonic() + body.deadline_ms / 1000.0

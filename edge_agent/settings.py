@@ -154,7 +154,11 @@ class EdgeSettings(BaseSettings):
     cloud_timeout_ms: float = Field(default=2000.0, gt=0)
     """How long, in ms, an offloaded request waits for the pool before it is served locally."""
     cloud_cooldown_s: float = Field(default=10.0, ge=0)
-    """Seconds the cloud is considered unavailable after a timeout or a refusal."""
+    """Longest time, in seconds, the cloud is considered unavailable after a timeout or a
+    refusal (the cool-down doubles from ``cloud_cooldown_min_s`` while failures go on)."""
+    cloud_cooldown_min_s: float = Field(default=1.0, ge=0)
+    """The first cool-down after the pool answered: a pool slow for a moment is tried
+    again soon."""
 
     # -- model delivery (issue 4) ---------------------------------------------------------
 
@@ -172,6 +176,9 @@ class EdgeSettings(BaseSettings):
     """Verified download bytes between two durable resume points (fsync of the partial
     file, then of the progress record): fewer fsyncs on a shared disk, and at most this
     many bytes fetched again after a crash or a kill."""
+    model_listen_first_s: float = Field(default=0.25, ge=0, le=10)
+    """After subscribing to an artifact's broadcast, seconds to only listen before asking:
+    a device joining a download that others lead follows it from where it is."""
     model_progress_interval_s: float = Field(default=1.0, ge=0)
     """Seconds between download progress reports at most (one is also sent every 10 %)."""
 

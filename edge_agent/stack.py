@@ -100,6 +100,7 @@ class ServingStack:
                 connected=connected,
                 clock=clock,
                 cooldown_s=settings.cloud_cooldown_s,
+                cooldown_min_s=settings.cloud_cooldown_min_s,
                 rejects=rejects,
             )
             mqtt_cloud.attach()

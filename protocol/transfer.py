@@ -105,8 +105,9 @@ def encode_chunk(header: ChunkResponse, data: bytes) -> bytes:
     return _LEN.pack(len(raw)) + raw + data
 
 
-def decode_chunk(payload: bytes, *, max_bytes: int) -> tuple[ChunkResponse, bytes]:
-    """Unframe and check one chunk: length and sha256 must match the header."""
+def read_chunk_frame(payload: bytes, *, max_bytes: int) -> tuple[ChunkResponse, memoryview]:
+    """Unframe one chunk and check its length against the header, without hashing it: a
+    receiver that already has this chunk can drop it here (``check_chunk`` before use)."""
     if len(payload) > max_bytes:
         raise OversizedMessage(f"{len(payload)} bytes exceeds the limit of {max_bytes}")
     if len(payload) < _LEN.size:
@@ -114,10 +115,22 @@ def decode_chunk(payload: bytes, *, max_bytes: int) -> tuple[ChunkResponse, byte
     (header_len,) = _LEN.unpack_from(payload)
     if header_len > _HEADER_LIMIT or _LEN.size + header_len > len(payload):
         raise MalformedMessage(f"chunk header length {header_len} does not fit the frame")
-    header = decode(payload[_LEN.size : _LEN.size + header_len], ChunkResponse)
-    data = payload[_LEN.size + header_len :]
+    view = memoryview(payload)
+    header = decode(bytes(view[_LEN.size : _LEN.size + header_len]), ChunkResponse)
+    data = view[_LEN.size + header_len :]
     if len(data) != header.length:
         raise MalformedMessage(f"chunk has {len(data)} bytes, header says {header.length}")
+    return header, data
+
+
+def check_chunk(header: ChunkResponse, data: bytes | memoryview) -> None:
+    """An ``ok`` chunk's bytes must match the sha256 its header carries."""
     if header.status is ChunkStatus.OK and hashlib.sha256(data).hexdigest() != header.chunk_sha256:
         raise MalformedMessage(f"chunk at offset {header.offset} fails its sha256")
-    return header, data
+
+
+def decode_chunk(payload: bytes, *, max_bytes: int) -> tuple[ChunkResponse, bytes]:
+    """Unframe and check one chunk: length and sha256 must match the header."""
+    header, data = read_chunk_frame(payload, max_bytes=max_bytes)
+    check_chunk(header, data)
+    return header, bytes(data)

@@ -225,6 +225,7 @@ class _Edge:
                 connected=lambda: client.is_connected,
                 clock=clock,
                 cooldown_s=settings.cloud_cooldown_s,
+                cooldown_min_s=settings.cloud_cooldown_min_s,
                 rejects=RejectCounter(),
             )
             self.mqtt_cloud.attach()

@@ -18,7 +18,8 @@
    requests probed against the pool's FP32). Light traffic runs meanwhile, so the gates
    have something to read.
 7. **traffic** - a seeded trace (``sim.traces.bursts``): steady Poisson, then a burst at a
-   multiple of the edge capacity measured during the rollout, then steady again, replayed
+   multiple of the edge capacity (measured just before by a short closed-loop probe through
+   the agents' HTTP, so the host's real speed sizes it), then steady again, replayed
    open loop against the agents' ``POST /v1/embed``; the overflow policy sends what the
    edge cannot serve in time to the pool.
 8. **summary** - per device and fleet numbers as the clients saw them, the rollout's
@@ -48,7 +49,14 @@ import httpx
 from models.checkpoint import MODEL_NAME, MODEL_VERSION
 from models.signing import load_or_create_signing_key, public_path
 from sim.broker import MosquittoBroker, free_port
-from sim.demo_traffic import TEXTS_PER_REQUEST, Served, replay, summarize, within
+from sim.demo_traffic import (
+    TEXTS_PER_REQUEST,
+    Served,
+    edge_capacity,
+    replay,
+    summarize,
+    within,
+)
 from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 from sim.profiles import PROFILES, profile_for
 from sim.traces import bursts, poisson
@@ -86,9 +94,11 @@ class DemoSettings:
     wave_interval_s: float = 3.0
     """Observation time of a rollout wave before its gates are evaluated."""
     quality_sample_share: float = 0.5
-    burst_factor: float = 4.0
-    """Burst rate as a multiple of the fleet's measured batch-1 edge capacity (batching lets
-    an agent serve several times that, so the burst must be well above it to overflow)."""
+    burst_factor: float = 3.0
+    """Burst rate as a multiple of the fleet's edge capacity (``capacity_probe_s``)."""
+    capacity_probe_s: float = 2.0
+    """Length of the closed-loop probe (4 clients per agent, through their HTTP ingress)
+    that measures what the edge serves on this host just before the traffic."""
     base_factor: float = 0.4
     """Steady rate as a multiple of the fleet's measured edge capacity."""
     edge_slo_ms: float = 1000.0
@@ -97,6 +107,42 @@ class DemoSettings:
     edge and only the burst overflows."""
     keep_running: bool = False
     """After the summary, keep everything up (with light traffic) until Ctrl-C."""
+    split_cpus: bool = True
+    """Pin the pool and the agents to separate halves of this host's CPUs (``split_cpus``)."""
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Which CPUs the agents and the pool may use; None: any."""
+
+    edge: frozenset[int] | None = None
+    pool: frozenset[int] | None = None
+
+
+def split_cpus(cpus: list[int]) -> CpuSplit:
+    """The cloud pool gets the upper half of ``cpus``, the agents the lower half (the pool
+    at least one). On one host the edge and the cloud would otherwise take each other's
+    cores, which separate machines never do; a burst must find the cloud with room to
+    spare. One CPU: no split."""
+    if len(cpus) < 2:
+        return CpuSplit()
+    half = len(cpus) // 2
+    return CpuSplit(edge=frozenset(cpus[:half]), pool=frozenset(cpus[half:]))
+
+
+def _why(summary: dict[str, Any]) -> str:
+    """`` (12 deadline_exceeded: answered at once, not computed)`` or nothing."""
+    counts = summary.get("failed_by_status") or {}
+    if not counts:
+        return ""
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    if set(counts) == {"deadline_exceeded"}:
+        parts += ": past their deadline, answered at once without computing"
+    return f" ({parts})"
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 @dataclass
@@ -277,6 +323,9 @@ class _Demo:
         self.ids: list[str] = []
         self.profiles: dict[str, str] = {}
         self.controller_log = self.work / "logs" / "controller.log"
+        self.cpus = (
+            split_cpus(sorted(os.sched_getaffinity(0))) if settings.split_cpus else CpuSplit()
+        )
 
     def _timed(self, step: str, t0: float) -> float:
         took = round(time.monotonic() - t0, 1)
@@ -383,6 +432,7 @@ class _Demo:
                 ],
                 log_path=self.work / "logs" / "pool.log",
                 env={},
+                cpus=self.cpus.pool,
             )
         )
         answered: dict[str, Any] = {}
@@ -411,6 +461,12 @@ class _Demo:
             f"pool        1 replica, TP=1 (torch FP32), answering via {self.url}/api/v1/embed "
             f"after {took:.0f}s  (logs {pool.log_path})"
         )
+        if self.cpus.pool:
+            self.say(
+                f"cpus        pool on CPU {_cpu_list(self.cpus.pool)}, agents on CPU "
+                f"{_cpu_list(self.cpus.edge or frozenset())}: on one host, the cloud and the "
+                "edge do not take each other's cores, as on separate machines"
+            )
 
     # 5
     def agents(self, broker: MosquittoBroker) -> None:
@@ -454,6 +510,7 @@ class _Demo:
                         "SPILLWAY_EDGE_DESIRED_KEY_FILES": json.dumps([str(self.desired_key)]),
                         "SPILLWAY_EDGE_SLO_MS": str(self.settings.edge_slo_ms),
                     },
+                    cpus=self.cpus.edge,
                 )
             )
         log = self.work / "logs"
@@ -535,7 +592,7 @@ class _Demo:
         return len(ports) == len(self.ids)
 
     # 6
-    def rollout(self) -> list[Served]:
+    def rollout(self) -> None:
         t0 = time.monotonic()
         n = len(self.ids)
         body = {
@@ -660,24 +717,16 @@ class _Demo:
             f"rollout     #{rollout_id} completed in {took:.0f}s: every device serves {INT8} "
             f"(light traffic meanwhile: {light['ok']} answers, {light['cloud']} from the cloud)"
         )
-        return trickle
 
     # 7
-    def traffic(self, warmup: list[Served]) -> list[Served]:
+    def traffic(self) -> list[Served]:
         t0 = time.monotonic()
-        computes = sorted(
-            s.compute_ms
-            for s in warmup
-            if s.status == "ok" and s.tier == "edge" and s.variant == INT8 and s.compute_ms
-        )
-        if not computes:
+        capacity = edge_capacity(self.targets, seconds=self.settings.capacity_probe_s)
+        if capacity <= 0:
             raise DemoError(
-                "traffic: no INT8 answer from the edge during the rollout to size the load on "
+                "traffic: the edge answered nothing in the capacity probe "
                 f"(see {self.work / 'logs'})"
             )
-        per_agent = 1000.0 / computes[len(computes) // 2]
-        # One intra-op thread per agent, but never more busy agents than cores.
-        capacity = per_agent * min(len(self.ids), os.cpu_count() or 1)
         d = self.settings.duration_s
         burst_s = max(3.0, 0.3 * d)
         first_burst_s = 0.4 * d
@@ -696,7 +745,8 @@ class _Demo:
         self.say(
             f"traffic     {d:.0f}s: steady {base:.0f} req/s (Poisson), burst {burst:.0f} req/s "
             f"from t={first_burst_s:.0f}s for {burst_s:.0f}s ({self.settings.burst_factor:g}x the "
-            f"edge capacity measured during the rollout, {capacity:.0f} req/s; "
+            f"edge capacity, {capacity:.0f} req/s, measured just before by a "
+            f"{self.settings.capacity_probe_s:g}s closed-loop probe through the agents' HTTP; "
             f"{TEXTS_PER_REQUEST} texts a request)"
         )
         served = replay(trace, self.targets)
@@ -721,7 +771,7 @@ class _Demo:
         self.say(
             f"traffic     {totals['requests']} requests: {totals['edge']} at the edge, "
             f"{totals['cloud']} overflowed to the cloud (burst {b['offload_ratio']:.0%}, "
-            f"steady {s['offload_ratio']:.0%}), {totals['failed']} failed"
+            f"steady {s['offload_ratio']:.0%}), {totals['failed']} not served{_why(totals)}"
         )
         return served
 
@@ -821,9 +871,9 @@ def run_demo(
         with _part("agents", demo.work / "logs"):
             demo.agents(broker)
         with _part("rollout", demo.controller_log):
-            warmup = demo.rollout()
+            demo.rollout()
         with _part("traffic", demo.work / "logs"):
-            served = demo.traffic(warmup)
+            served = demo.traffic()
             demo.finish(served)
         if summary is not None:
             summary(demo.report)

@@ -14,7 +14,8 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,12 @@ import numpy as np
 
 from sim.traces import Trace
 
-TEXTS_PER_REQUEST = 2
+TEXTS_PER_REQUEST = 8
 """Texts in one demo request: a little more work per request than one sentence, so a burst
 overflows an edge at a request rate one Python load generator can offer on a small host."""
+
+_GRACE_S = 2.0
+"""How long past a request's deadline the replay still waits for its answer."""
 
 _SUBJECTS = ("the gateway", "an edge device", "the cloud pool", "a forklift camera", "the broker")
 _VERBS = ("reports", "offloads", "embeds", "batches", "forwards", "measures")
@@ -59,7 +63,8 @@ class Served:
     latency_ms: float
     """From the scheduled arrival to the answer (queueing in the client included)."""
     status: str
-    """The ingress's ``status`` (``ok``, ``overloaded``...), or ``http_error``."""
+    """The ingress's ``status`` (``ok``, ``overloaded``...), ``http_error``, or
+    ``client_timeout`` (no answer by the deadline plus a grace period)."""
     tier: str | None = None
     variant: str | None = None
     compute_ms: float | None = None
@@ -72,9 +77,11 @@ async def _send(
     index: int,
     at_s: float,
     start: float,
-    deadline_ms: int,
+    deadline_ms: int | None,
 ) -> Served:
-    request = {"texts": request_texts(index), "deadline_ms": deadline_ms}
+    request: dict[str, Any] = {"texts": request_texts(index)}
+    if deadline_ms is not None:
+        request["deadline_ms"] = deadline_ms
     try:
         response = await client.post(f"{url}/v1/embed", json=request)
         body: dict[str, Any] = response.json()
@@ -91,6 +98,17 @@ async def _send(
     )
 
 
+async def _bounded(
+    send: Coroutine[Any, Any, Served], *, device_id: str, at_s: float, give_up_s: float
+) -> Served:
+    """``send``, or ``client_timeout`` once ``give_up_s`` passed: past its deadline an answer
+    is worthless, and a replay must end soon after its trace does."""
+    try:
+        return await asyncio.wait_for(send, timeout=give_up_s)
+    except TimeoutError:
+        return Served(device_id, at_s, give_up_s * 1000, "client_timeout")
+
+
 async def _replay(
     trace: Trace,
     targets: Sequence[tuple[str, str]],
@@ -103,6 +121,7 @@ async def _replay(
     # ``deadline_exceeded`` at once instead of computing a useless answer, and the overflow
     # policy sends work that would miss it to the cloud.
     deadline_ms = int(trace.slo_ms)
+    give_up_s = min(timeout_s, trace.slo_ms / 1000.0 + _GRACE_S)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.monotonic()
         tasks: list[asyncio.Task[Served]] = []
@@ -113,12 +132,47 @@ async def _replay(
             if delay > 0:
                 await asyncio.sleep(delay)
             device_id, url = targets[i % len(targets)]
+            send = _send(client, url, device_id, first_index + i, at_s, start, deadline_ms)
             tasks.append(
                 asyncio.create_task(
-                    _send(client, url, device_id, first_index + i, at_s, start, deadline_ms)
+                    _bounded(send, device_id=device_id, at_s=at_s, give_up_s=give_up_s)
                 )
             )
         return list(await asyncio.gather(*tasks))
+
+
+async def _probe(targets: Sequence[tuple[str, str]], concurrency: int, seconds: float) -> float:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    answered = 0
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+        start = time.monotonic()
+
+        async def worker(w: int) -> None:
+            nonlocal answered
+            device_id, url = targets[w % len(targets)]
+            index = 1_000_000 + w * 100_000
+            while time.monotonic() - start < seconds:
+                served = await _send(client, url, device_id, index, 0.0, start, None)
+                index += 1
+                if served.status == "ok" and served.tier == "edge":
+                    answered += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency * len(targets))))
+        took = time.monotonic() - start
+    return answered / took if took > 0 else 0.0
+
+
+def edge_capacity(
+    targets: Sequence[tuple[str, str]], *, concurrency: int = 4, seconds: float = 2.0
+) -> float:
+    """Requests/s the edge answers itself, end to end through this client and the agents'
+    HTTP ingress: ``concurrency`` closed-loop clients per agent for ``seconds`` (no
+    deadline, so nothing is dropped). What the fleet serves on this host, not what one
+    model run suggests: the agents share the host's cores with the client, the broker,
+    the controller and the pool."""
+    if not targets:
+        raise ValueError("no targets to measure")
+    return asyncio.run(_probe(targets, concurrency, seconds))
 
 
 def replay(
@@ -152,6 +206,7 @@ def summarize(served: Sequence[Served], *, window_s: float) -> dict[str, Any]:
         "edge": len(ok) - cloud,
         "cloud": cloud,
         "failed": len(served) - len(ok),
+        "failed_by_status": dict(Counter(s.status for s in served if s.status != "ok")),
         "p50_ms": _percentile(latencies, 50),
         "p99_ms": _percentile(latencies, 99),
         "throughput_rps": round(len(ok) / window_s, 2) if window_s > 0 else 0.0,

@@ -44,12 +44,22 @@ def terminate(proc: subprocess.Popen[bytes], *, timeout_s: float) -> int:
 class ChildProcess:
     """A ``spillway`` subcommand run as a separate process, logging to ``log_path``."""
 
-    def __init__(self, name: str, args: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        log_path: Path,
+        env: dict[str, str],
+        cpus: frozenset[int] | None = None,
+    ) -> None:
         self.name = name
         self.args = args
         self.log_path = log_path
         self.env = env
         """Added to this process's environment at ``start``."""
+        self.cpus = cpus
+        """Pinned to these CPUs right after it starts (its own children inherit them)."""
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -62,6 +72,8 @@ class ChildProcess:
             env={**os.environ, **self.env},
         )
         log.close()
+        if self.cpus:
+            os.sched_setaffinity(self._proc.pid, self.cpus)
 
     @property
     def pid(self) -> int | None:

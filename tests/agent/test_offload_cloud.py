@@ -115,7 +115,10 @@ def test_pool_unreachable_serves_locally_and_stops_trying_for_a_cooldown(
     ghost.publish(Topics().pool_status(), encode(status), qos=QoS(1), retain=True, wait_s=5)
     try:
         agent = serving_agent(
-            offload_policy_fraction=1.0, cloud_timeout_ms=300, cloud_cooldown_s=600
+            offload_policy_fraction=1.0,
+            cloud_timeout_ms=300,
+            cloud_cooldown_s=600,
+            cloud_cooldown_min_s=600,
         )
         serving = agent.serving
         assert serving is not None and agent.wait_connected(10)

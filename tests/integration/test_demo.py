@@ -13,6 +13,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # its own 400 s bound reports first, with the demo's output
 def test_demo_tells_the_whole_story(tmp_path: Path, serving_models: Path) -> None:
     report = tmp_path / "r.json"
     demo = subprocess.Popen(
