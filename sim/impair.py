@@ -47,12 +47,14 @@ from sim.impair_spec import (
 __all__ = [
     "BACKENDS",
     "BackendChoice",
+    "BackendName",
     "ImpairedLink",
     "Impairment",
     "ImpairmentError",
     "ImpairmentSpecError",
     "NetemUnsupported",
     "NetnsError",
+    "backend_named",
     "choose_backend",
     "open_link",
     "parse_impairment",
@@ -97,6 +99,14 @@ class ImpairedLink(Protocol):
     ) -> None: ...
 
 
+def backend_named(text: str) -> BackendName:
+    """``"auto"``, ``"proxy"`` or ``"netns"``; anything else is an ``ImpairmentSpecError``."""
+    for name in BACKENDS:
+        if text == name:
+            return name
+    raise ImpairmentSpecError(f"unknown impairment backend {text!r} (one of {', '.join(BACKENDS)})")
+
+
 @dataclass(frozen=True)
 class BackendChoice:
     backend: Literal["proxy", "netns"]
@@ -128,8 +138,7 @@ def choose_backend(
                 )
             return BackendChoice("netns", "netns asked for; sch_netem available")
         return BackendChoice("netns", "netns asked for (link down for partitions, tbf for rate)")
-    if requested != "auto":
-        raise ImpairmentSpecError(f"unknown impairment backend {requested!r} (one of {BACKENDS})")
+    backend_named(requested)
     why = unavailable()
     if why is not None:
         return BackendChoice("proxy", f"netns backend needs root: {why}")

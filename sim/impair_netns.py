@@ -111,15 +111,22 @@ def probe_netem() -> NetemSupport:
     except NetnsError as exc:
         return NetemSupport(False, str(exc))
     try:
-        _run(
+        proc = subprocess.run(
             ["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-            what="tc netem",
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
         )
-        return NetemSupport(True, "sch_netem available")
-    except NetnsError as exc:
-        return NetemSupport(False, f"{exc} (kernel {os.uname().release})")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return NetemSupport(False, f"tc netem: {exc}")
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    if proc.returncode == 0:
+        return NetemSupport(True, "sch_netem available")
+    said = (proc.stderr or proc.stdout).strip().splitlines()
+    error = said[0].removeprefix("Error: ").rstrip(".") if said else f"exit {proc.returncode}"
+    return NetemSupport(False, f"tc netem: {error} (kernel {os.uname().release})")
 
 
 def remove_stale_namespaces() -> list[str]:

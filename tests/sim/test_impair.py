@@ -17,11 +17,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
+from edge_agent.eventloop import LoopThread
 from protocol.mqtt import InboundMessage, MqttClient, MqttSettings, Will
 from protocol.topics import QoS
+from sim.bench_overflow import OverflowOptions, _Edge, bench_overflow, impairment_note
 from sim.broker import MosquittoBroker
 from sim.impair import (
     BackendChoice,
@@ -35,6 +40,7 @@ from sim.impair import (
 from sim.impair_netns import NetemSupport, NetnsLink, probe_netem, qdisc_args
 from sim.impair_proxy import ImpairmentProxy, TokenBucket, loss_penalty_s
 from sim.impair_spec import Impairment
+from sim.servicetime import Calibration, ServiceTimeModel, SimulatedModel
 
 # -- the spec ------------------------------------------------------------------------------
 
@@ -225,6 +231,7 @@ def test_proxy_forwards_bytes_intact_both_ways(echo: socketserver.ThreadingTCPSe
             sender.start()
             assert _recv_exactly(sock, len(payload)) == payload
             sender.join()
+        _wait_for(lambda: proxy.stats().bytes_down == len(payload))  # counted after drain()
         stats = proxy.stats()
     assert stats.connections == 1
     assert stats.bytes_up == stats.bytes_down == len(payload)
@@ -437,6 +444,10 @@ def test_netns_partition_by_link_down_and_heal(echo: socketserver.ThreadingTCPSe
     with NetnsLink(spec, upstream=_upstream(echo)) as link:
         assert link.namespace in _namespaces() and _link_exists(link.host_veth)
         assert link.endpoint[0] == link.ns_address
+        inside = subprocess.run(
+            [*link.exec_prefix(), "ip", "-o", "-4", "addr", "show"], capture_output=True, text=True
+        ).stdout
+        assert f"{link.ns_address}/30" in inside and link.host_veth not in inside
         tc = subprocess.run(
             ["tc", "qdisc", "show", "dev", link.host_veth], capture_output=True, text=True
         ).stdout
@@ -496,3 +507,64 @@ def test_open_link_gives_the_proxy_when_asked(echo: socketserver.ThreadingTCPSer
         with socket.create_connection(link.endpoint) as sock:
             assert _round_trip_s(sock) >= 0.002
         assert link.describe()["impairment"]["spec"] == "delay=1ms"
+
+
+# -- wiring: spillway bench overflow --impair ----------------------------------------------
+
+
+def _overflow_app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(bench_overflow)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--impair", "delay=fast"], "delay needs a duration"),
+        (["--impair", "delay=5ms", "--impair-backend", "kernel"], "unknown impairment backend"),
+    ],
+)
+def test_bench_overflow_refuses_a_bad_impairment_before_starting(
+    args: list[str], says: str, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(_overflow_app(), ["--out", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert says in result.output
+    assert not list(tmp_path.iterdir())  # nothing ran: no calibration, no report
+
+
+def test_the_overflow_edge_reaches_the_broker_through_the_link(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    calibration = Calibration(
+        batch_ms={1: 1.0},
+        variant="int8-onnx",
+        intra_op_threads=1,
+        machine="test",
+        measured_at="2026-01-01T00:00:00+00:00",
+        repeats=1,
+    )
+    loop = LoopThread("test-impair-edge")
+    loop.start()
+    options = OverflowOptions(model_dir=tmp_path, out=tmp_path, impair=Impairment(delay_ms=5))
+    assert options.impair is not None
+    with open_link(options.impair, upstream=(broker.host, broker.port), backend="proxy") as link:
+        edge = _Edge(
+            "overflow",
+            SimulatedModel(ServiceTimeModel(calibration, speed=1.0), label="test"),
+            loop=loop,
+            work=tmp_path,
+            options=options,
+            mqtt=link.endpoint,
+        )
+        try:
+            assert edge.client is not None and edge.client.wait_connected(10)
+            _wait_for(lambda: link.stats().bytes_down > 0)  # CONNACK, counted after drain()
+            stats = link.stats()
+            assert stats.connections == 1 and stats.bytes_up > 0 and stats.bytes_down > 0
+            note = impairment_note(link.describe())
+        finally:
+            edge.close()
+            loop.stop()
+    assert "delay=5ms" in note and "backend **proxy**" in note and link.reason in note
