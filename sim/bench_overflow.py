@@ -23,6 +23,11 @@ The seed's headline table, measured on this machine and labelled for what it is:
 * **modes** - the same trace, same run, replayed open loop (each request sent at its arrival
   time, however late the previous ones are) against edge-only (offload disabled) and
   edge + overflow, in that order.
+* **impairment** - ``--impair SPEC`` (``sim.impair``: delay, jitter, loss, rate, partitions)
+  puts the overflow edge's MQTT connection through an impaired link to the broker; the
+  pool's own connection is not impaired. Partition times count from the start of the
+  overflow replay. The report names the backend (netns + netem, or the userspace proxy)
+  and why, the spec, and the link's counters. Without it nothing changes.
 
 Goodput is requests answered ``ok`` within the SLO per second; latency is measured from
 each request's scheduled arrival. Target: goodput with overflow >= 2.5x edge-only over the
@@ -60,6 +65,16 @@ from protocol.inference import InferStatus, Tier
 from protocol.mqtt import MqttClient, MqttSettings
 from protocol.topics import Topics
 from sim.broker import BrokerError, MosquittoBroker
+from sim.impair import (
+    BackendName,
+    ImpairedLink,
+    Impairment,
+    ImpairmentError,
+    ImpairmentSpecError,
+    backend_named,
+    open_link,
+    parse_impairment,
+)
 from sim.profiles import UnknownProfile, profile_named
 from sim.report import BenchReport, progress
 from sim.servicetime import (
@@ -98,6 +113,9 @@ class OverflowOptions:
     max_batch_size: int = 8
     capacity_s: float = 5.0
     seed: int = 0
+    impair: Impairment | None = None
+    """Impairment of the overflow edge's link to the broker; None: a direct connection."""
+    impair_backend: BackendName = "auto"
 
 
 @dataclass
@@ -191,8 +209,10 @@ class _Edge:
         loop: LoopThread,
         work: Path,
         options: OverflowOptions,
-        broker: MosquittoBroker | None,
+        mqtt: tuple[str, int] | None,
     ) -> None:
+        """``mqtt``: where the edge reaches the broker (directly or through an impaired
+        link); None: no cloud (edge-only)."""
         self.name = name
         self.loop = loop
         device_id = f"bench-edge-{name}"
@@ -201,7 +221,7 @@ class _Edge:
             state_dir=work / name,
             max_batch_size=options.max_batch_size,
             slo_ms=options.slo_ms,
-            offload_enabled=broker is not None,
+            offload_enabled=mqtt is not None,
             outbox_synchronous="normal",
         )
         self.outbox = Outbox(
@@ -213,10 +233,8 @@ class _Edge:
         self.client: MqttClient | None = None
         cloud: CloudClient = NoCloud()
         self.mqtt_cloud: MqttCloudClient | None = None
-        if broker is not None:
-            self.client = MqttClient(
-                MqttSettings(host=broker.host, port=broker.port, client_id=device_id)
-            )
+        if mqtt is not None:
+            self.client = MqttClient(MqttSettings(host=mqtt[0], port=mqtt[1], client_id=device_id))
             client = self.client
             self.mqtt_cloud = MqttCloudClient(
                 client,
@@ -408,16 +426,27 @@ def run_overflow_bench(
             loop=loop,
             work=work,
             options=options,
-            broker=None,
+            mqtt=None,
         )
         stack.callback(edge_only.close)
+        link: ImpairedLink | None = None
+        if options.impair is not None:
+            link = stack.enter_context(
+                open_link(
+                    options.impair,
+                    upstream=(broker.host, broker.port),
+                    backend=options.impair_backend,
+                    seed=options.seed,
+                    schedule_on_start=False,
+                )
+            )
         overflow = _Edge(
             "overflow",
             SimulatedModel(service, label=profile.hardware_class),
             loop=loop,
             work=work,
             options=options,
-            broker=broker,
+            mqtt=link.endpoint if link is not None else (broker.host, broker.port),
         )
         stack.callback(overflow.close)
         overflow.wait_cloud(60)
@@ -438,9 +467,12 @@ def run_overflow_bench(
         (window,) = burst_windows(trace)
         results: dict[str, list[Served]] = {}
         for edge in (edge_only, overflow):
+            if edge is overflow and link is not None:
+                link.start_schedule()
             results[edge.name] = loop.call(_replay(edge.runtime, trace, texts))
             notify(f"{edge.name}: {len(results[edge.name])} requests replayed")
         decisions, offloads, kept, fell_back = overflow.runtime.offload.snapshot()
+        impairment = link.describe() if link is not None else None
     rows: list[dict[str, Any]] = []
     summaries: dict[str, dict[str, Any]] = {}
     for name, served in results.items():
@@ -450,7 +482,9 @@ def run_overflow_bench(
             {
                 "mode": name,
                 "edge": f"{profile.hardware_class} (simulated)",
-                "cloud": "real pool" if name == "overflow" else "-",
+                "cloud": "-"
+                if name != "overflow"
+                else "real pool" + (" (impaired link)" if impairment else ""),
                 "requests": summary["requests"],
                 "mean ms": summary["mean_ms"],
                 "p50 ms": summary["p50_ms"],
@@ -493,7 +527,9 @@ def run_overflow_bench(
     columns = list(rows[0].keys())
     report.table(
         f"Burst of {options.burst_factor:g}x edge capacity for {options.burst_s:g} s "
-        f"(SLO {options.slo_ms:g} ms, {len(trace)} requests per mode)",
+        f"(SLO {options.slo_ms:g} ms, {len(trace)} requests per mode"
+        + (f"; overflow link impaired: {impairment['impairment']['spec']}" if impairment else "")
+        + ")",
         columns,
         rows,
     )
@@ -556,8 +592,11 @@ def run_overflow_bench(
         "a deadline of the SLO; an edge-only request that cannot meet it is dropped "
         "(deadline exceeded), not served late."
     )
+    if impairment is not None:
+        report.note(impairment_note(impairment))
     report.data.update(
         {
+            "impairment": impairment,
             "options": {k: str(v) for k, v in options.__dict__.items()},
             "calibration": calibration.to_json(),
             "edge_scale": scale,
@@ -576,6 +615,19 @@ def run_overflow_bench(
     return report
 
 
+def impairment_note(described: dict[str, Any]) -> str:
+    """The report's line on the impaired link (pure: ``ImpairedLink.describe()`` in)."""
+    stats = described["stats"]
+    return (
+        f"Network impairment on the overflow edge's MQTT link to the broker (the pool's link "
+        f"is not impaired): {described['impairment']['spec']}; backend **{described['backend']}**"
+        f" ({described['reason']}). Partitions count from the start of the overflow replay. "
+        f"Link counters: {stats['connections']} connections, {stats['bytes_up']} B up, "
+        f"{stats['bytes_down']} B down, {stats['cuts']} cuts, {stats['partitioned_s']:.1f} s "
+        f"partitioned, {stats['retransmits_modelled']} modelled retransmissions."
+    )
+
+
 def bench_overflow(
     out: Path = typer.Option(Path("var/bench"), "--out", help="Where the reports go."),
     model_dir: Path = typer.Option(
@@ -590,9 +642,28 @@ def bench_overflow(
     burst_factor: float = typer.Option(3.0, "--burst-factor", min=0.1),
     burst_s: float = typer.Option(20.0, "--burst-s", min=1.0),
     seed: int = typer.Option(0, "--seed"),
+    impair: str | None = typer.Option(
+        None,
+        "--impair",
+        help="Impair the overflow edge's link to the broker, e.g. "
+        "'delay=50ms,jitter=10ms,loss=1%,rate=2mbit,partition=5s@10s' (partitions count "
+        "from the start of the overflow replay).",
+    ),
+    impair_backend: str = typer.Option(
+        "auto",
+        "--impair-backend",
+        help="auto (netns + tc netem as root when the kernel has netem, else the userspace "
+        "proxy), proxy or netns.",
+    ),
 ) -> None:
     """Edge-only vs edge + cloud overflow under a burst of N x edge capacity, side by side."""
     logging.getLogger("edge_agent").setLevel(logging.ERROR)
+    try:
+        impairment = parse_impairment(impair) if impair is not None else None
+        backend = backend_named(impair_backend)
+    except ImpairmentSpecError as exc:
+        typer.echo(f"spillway bench overflow: --impair: {exc}", err=True)
+        raise typer.Exit(2) from exc
     options = OverflowOptions(
         model_dir=model_dir,
         out=out,
@@ -603,11 +674,13 @@ def bench_overflow(
         burst_factor=burst_factor,
         burst_s=burst_s,
         seed=seed,
+        impair=impairment,
+        impair_backend=backend,
     )
     try:
         with progress(6, "bench overflow") as step:
             report = run_overflow_bench(options, step=step)
-    except (OverflowBenchError, BrokerError) as exc:
+    except (OverflowBenchError, BrokerError, ImpairmentError) as exc:
         typer.echo(f"spillway bench overflow: {exc}", err=True)
         raise typer.Exit(1) from exc
     paths = report.write(out)
