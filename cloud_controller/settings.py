@@ -159,7 +159,7 @@ class CloudSettings(BaseSettings):
     (a device that fetched an artifact's last chunk stops counting at once)."""
     transfer_retry_after_ms: int = Field(default=2000, ge=0)
     """``retry_after_ms`` of a ``busy`` answer."""
-    transfer_workers: int = Field(default=4, ge=1)
+    transfer_workers: int = Field(default=8, ge=1)
     """Threads that read chunks and publish answers (never paho's network thread)."""
     transfer_queue_max: int = Field(default=256, ge=1)
     """Chunk requests that may wait for a worker; beyond it they are answered ``busy``."""

@@ -18,7 +18,9 @@ copies a chunk to every device. Requests for the same ``(sha256, offset, length)
 coalesced into one publish: while a job for it is queued, later requests join the job;
 once it is being published, a later first-attempt request joins that publish if its
 ``listener`` (the id of the agent's subscription) was first seen *before* the publish
-began, which proves the subscription was in place when the broker took the publish. A
+began, which proves the subscription was in place when the broker took the publish. An
+agent announces its listener right after subscribing (``TransferListening``), so a device
+joining a download that others lead can join publishes from that moment on. A
 retry (``attempt`` > 1), an unknown listener or an older publish gets a new publish.
 Errors (``busy``, ``not_found``, ``bad_range``) go to each request on its own, carrying its
 correlation data. Requests with a response topic under ``{root}/replies/`` are answered
@@ -73,6 +75,7 @@ from protocol.transfer import (
     ChunkResponse,
     ChunkStatus,
     TransferDone,
+    TransferListening,
     decode_transfer_message,
     encode_chunk,
 )
@@ -219,6 +222,9 @@ class ChunkServer:
             if isinstance(decoded, TransferDone):
                 self._done(decoded)
                 return
+            if isinstance(decoded, TransferListening):
+                self._listening(decoded)
+                return
             request = decoded
             reply_to = message.response_topic
             broadcast = reply_to == self._topics.artifact_chunks(request.artifact_sha256)
@@ -287,6 +293,20 @@ class ChunkServer:
             self._queued -= 1
             if job.key is not None and self._jobs.get(job.key) is job:
                 del self._jobs[job.key]
+
+    def _listening(self, told: TransferListening) -> None:
+        """The device's subscription is in place now: publishes from now on reach it. It
+        takes a transfer slot if one is free (else its first request is answered busy)."""
+        now = self._monotonic()
+        with self._lock:
+            self._listeners[told.listener] = (now, now)
+            self._expire(now)
+            activity = self._active.get(told.device_id)
+            if activity is None and len(self._active) < self._settings.max_concurrent_transfers:
+                self._active[told.device_id] = _Activity(now, told.artifact_sha256)
+            elif activity is not None:
+                activity.last_s = now
+                activity.listening = told.artifact_sha256
 
     def _done(self, done: TransferDone) -> None:
         with self._lock:

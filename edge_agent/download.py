@@ -69,6 +69,7 @@ from protocol.transfer import (
     ChunkResponse,
     ChunkStatus,
     TransferDone,
+    TransferListening,
     check_chunk,
     read_chunk_frame,
 )
@@ -142,7 +143,7 @@ class PullSettings:
     attempts: int = 8
     fsync_bytes: int = 8 * 1024 * 1024
     """Verified bytes between two durable progress records (``model_progress_fsync_bytes``)."""
-    listen_first_s: float = 0.25
+    listen_first_s: float = 0.1
     """After subscribing, how long to only listen before asking (``model_listen_first_s``)."""
 
 
@@ -213,6 +214,7 @@ class _Listening:
     """The artifact topic subscription of one fetch."""
 
     topic: str
+    sha256: str
     listener: str = ""
     subscribed: bool = False
     paused_until: float | None = None
@@ -365,7 +367,7 @@ class ChunkPuller:
 
     def _pull(self, staged: _Staged, progress: Progress | None, cancel: threading.Event) -> None:
         sha256 = staged.sha256
-        listening = _Listening(self._topics.artifact_chunks(sha256))
+        listening = _Listening(self._topics.artifact_chunks(sha256), sha256)
         self._drain()
         try:
             self._pull_listening(staged, progress, cancel, listening)
@@ -399,8 +401,8 @@ class ChunkPuller:
                 raise DownloadCancelled(f"download of {sha256[:12]}… cancelled at {verified}")
             now = self._clock.monotonic()
             connected = self._connected()
-            if connected and not was_connected:
-                listening.listener = uuid.uuid4().hex  # the broker may have lost the session
+            if connected and not was_connected and listening.subscribed:
+                self._announce(listening)  # the broker may have lost the session
             was_connected = connected
             if listening.paused_until is not None and now >= listening.paused_until:
                 listening.paused_until = None
@@ -409,7 +411,11 @@ class ChunkPuller:
                     self._listen(listening)
                     listening.quiet_until = now + settings.listen_first_s
                 limit = 1 if size is None else settings.window
-                quiet = size is not None and front == verified and now < listening.quiet_until
+                quiet = (
+                    (size is None or size - verified > settings.window * step)
+                    and front == verified
+                    and now < listening.quiet_until
+                )  # known to fit one window: just ask
                 if quiet or not self._answers.empty():
                     limit = 0  # take what has come first: it may be what it would ask for
                 ahead = next_offsets(
@@ -418,7 +424,7 @@ class ChunkPuller:
                     step=step,
                     front=front,
                     taken=lambda offset: offset in done or offset in asked,
-                    count=max(0, limit - len(pending)) if size is not None else int(not pending),
+                    count=max(0, limit - len(pending)),
                 )
                 for offset in ahead:
                     sends[offset] = sends.get(offset, 0) + 1
@@ -479,6 +485,7 @@ class ChunkPuller:
                 size = staged.size = self._check_chunk(header, data, mine, sha256, size)
                 self._forget(pending, asked, mine)
             elif self._fits(header, data, sha256, size, base, verified, done):
+                size = staged.size = header.total_bytes  # as an answer would have told it
                 with self._lock:
                     self.chunks_unasked += 1
             else:
@@ -514,17 +521,20 @@ class ChunkPuller:
         done: dict[int, int],
     ) -> bool:
         """A chunk nobody here asked for: useful only if it is exactly one this fetch
-        would ask for (its own sha256 was checked by ``check_chunk``)."""
+        would ask for (its own sha256 was checked by ``check_chunk``). Size not yet known:
+        only the first chunk it lacks, whose header then tells the size, as an answer to
+        its own request would."""
         step = self._settings.chunk_bytes
         offset = header.offset
+        total = header.total_bytes if size is None else size
         return (
-            size is not None
-            and header.artifact_sha256 == sha256
-            and header.total_bytes == size
-            and verified <= offset < size
+            header.artifact_sha256 == sha256
+            and header.total_bytes == total
+            and verified <= offset < total
+            and (size is not None or offset == verified)
             and (offset - base) % step == 0
             and offset not in done
-            and len(data) == min(step, size - offset)
+            and len(data) == min(step, total - offset)
         )
 
     def _check_chunk(
@@ -557,9 +567,24 @@ class ChunkPuller:
     def _listen(self, listening: _Listening) -> None:
         """Subscribe before asking: the broker takes a client's packets in order, so the
         subscription is in place before the controller sees the next request."""
-        listening.listener = uuid.uuid4().hex
         self._client.subscribe(listening.topic, self._on_answer, qos=QoS.AT_LEAST_ONCE)
         listening.subscribed = True
+        self._announce(listening)
+
+    def _announce(self, listening: _Listening) -> None:
+        """A fresh listener id, told to the controller after the SUBSCRIBE (the broker
+        takes one client's packets in order), so publishes it begins later count as seen."""
+        listening.listener = uuid.uuid4().hex
+        told = TransferListening(
+            device_id=self._device_id,
+            sent_at=self._clock.now(),
+            artifact_sha256=listening.sha256,
+            listener=listening.listener,
+        )
+        try:
+            self._client.publish(self._topics.model_chunks(), encode(told), qos=QoS.AT_LEAST_ONCE)
+        except MqttError as exc:
+            logger.info("listening not announced: %s", exc, extra={"topic": listening.topic})
 
     def _pause(
         self,

@@ -302,13 +302,15 @@ class ModelInstaller:
             fraction = done / total if total else 1.0
             self._progress(subject, fraction)
 
+        # The small tokenizer first: the devices of a rollout start together, so one
+        # publish of it serves them all (fetched last, it is asked for as each one finishes).
+        tokenizer = self._puller.fetch(assignment.tokenizer_sha256, None, cancel=self.cancel)
         artifact = self._puller.fetch(
             assignment.artifact_sha256,
             assignment.size_bytes,
             progress=progress,
             cancel=self.cancel,
         )
-        tokenizer = self._puller.fetch(assignment.tokenizer_sha256, None, cancel=self.cancel)
         self._set(replace(subject, state=ModelState.VERIFYING, progress=1.0))
         record = InstallRecord(
             name=assignment.name,

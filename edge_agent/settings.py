@@ -165,7 +165,7 @@ class EdgeSettings(BaseSettings):
     model_chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=MAX_CHUNK_BYTES)
     """Bytes asked for per chunk request when pulling an artifact (the controller's cap is
     ``transfer_max_chunk_bytes``; the default keeps a frame within a 1 MiB broker packet)."""
-    model_chunk_window: int = Field(default=4, ge=1, le=64)
+    model_chunk_window: int = Field(default=8, ge=1, le=64)
     """Chunk requests in flight at once per download."""
     model_chunk_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds to wait for a chunk's answer before asking again."""
@@ -176,7 +176,7 @@ class EdgeSettings(BaseSettings):
     """Verified download bytes between two durable resume points (fsync of the partial
     file, then of the progress record): fewer fsyncs on a shared disk, and at most this
     many bytes fetched again after a crash or a kill."""
-    model_listen_first_s: float = Field(default=0.25, ge=0, le=10)
+    model_listen_first_s: float = Field(default=0.1, ge=0, le=10)
     """After subscribing to an artifact's broadcast, seconds to only listen before asking:
     a device joining a download that others lead follows it from where it is."""
     model_progress_interval_s: float = Field(default=1.0, ge=0)

@@ -7,7 +7,8 @@ artifact's broadcast topic (``Topics.artifact_chunks(sha256)``) as response topi
 on it while they download, so one publish of a chunk answers every agent that asked for it
 (and reaches those that will): ``listener`` tells the controller which subscription a
 request comes from, so it never counts on a publish that subscription cannot have seen.
-An agent that ends a download says so (``TransferDone``) and frees its transfer slot.
+An agent says when it starts listening (``TransferListening``: from then on every publish
+reaches it) and when it ends a download (``TransferDone``, which frees its transfer slot).
 The answer frame is a small JSON
 header followed by the raw bytes, so a 1 MiB chunk costs 1 MiB on the wire, not the 1.33
 MiB base64 would. The header carries the chunk's own sha256, so every chunk is checked on
@@ -67,6 +68,17 @@ class ChunkRequest(Envelope):
     controller publishes it again rather than count on an earlier publish."""
 
 
+class TransferListening(Envelope):
+    """An agent subscribed to ``artifact_sha256``'s broadcast topic as ``listener`` (sent
+    right after the SUBSCRIBE, so the broker holds the subscription by the time the
+    controller reads this): every chunk publish that begins later reaches it, so its
+    requests can join publishes already under way instead of causing new ones."""
+
+    kind: Literal["transfer_listening"] = "transfer_listening"
+    artifact_sha256: str = Field(pattern=SHA256_PATTERN)
+    listener: str = Field(pattern=LISTENER_PATTERN)
+
+
 class TransferDone(Envelope):
     """An agent stopped downloading ``artifact_sha256`` (finished, failed or cancelled)."""
 
@@ -74,11 +86,19 @@ class TransferDone(Envelope):
     artifact_sha256: str = Field(pattern=SHA256_PATTERN)
 
 
-def decode_transfer_message(payload: bytes, *, max_bytes: int) -> ChunkRequest | TransferDone:
-    """A ``ChunkRequest`` or a ``TransferDone`` (both travel on ``Topics.model_chunks()``)."""
+TransferMessage = ChunkRequest | TransferListening | TransferDone
+"""What travels on ``Topics.model_chunks()``."""
+
+
+def decode_transfer_message(payload: bytes, *, max_bytes: int) -> TransferMessage:
+    """A ``ChunkRequest``, ``TransferListening`` or ``TransferDone``."""
     try:
         return decode(payload, ChunkRequest, max_bytes=max_bytes)
     except MalformedMessage as first:
+        try:
+            return decode(payload, TransferListening, max_bytes=max_bytes)
+        except MalformedMessage:
+            pass
         try:
             return decode(payload, TransferDone, max_bytes=max_bytes)
         except MalformedMessage:

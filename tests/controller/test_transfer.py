@@ -24,7 +24,13 @@ from edge_agent.download import ChunkPuller, PullSettings
 from protocol.codec import encode
 from protocol.mqtt import InboundMessage, MqttClient
 from protocol.topics import QoS, Topics
-from protocol.transfer import ChunkRequest, ChunkResponse, TransferDone, decode_chunk
+from protocol.transfer import (
+    ChunkRequest,
+    ChunkResponse,
+    TransferDone,
+    TransferListening,
+    decode_chunk,
+)
 from sim.broker import MosquittoBroker
 from tests.controller.helpers import Controller, ManualClock, mqtt_client, wait_for
 from tests.controller.model_helpers import ChunkClient, built_manifest, synthetic, upload
@@ -319,6 +325,13 @@ class Listener:
         )
         return correlation
 
+    def announce(self) -> None:
+        """What an agent sends right after subscribing (``TransferListening``)."""
+        message = TransferListening(
+            device_id=self.device_id, artifact_sha256=self.sha256, listener=self.listener
+        )
+        self.client.publish(self.topics.model_chunks(), encode(message), qos=QoS(1), wait_s=5)
+
     def done(self) -> None:
         message = TransferDone(device_id=self.device_id, artifact_sha256=self.sha256)
         self.client.publish(self.topics.model_chunks(), encode(message), qos=QoS(1), wait_s=5)
@@ -390,6 +403,35 @@ def test_equal_requests_of_listening_devices_cost_one_publish(
         correlation = b.ask(0, 4096, attempt=2)
         header, body, got = b.next_frame()
         assert header.status == "not_found" and body == b"" and got == correlation
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_announced_listener_joins_a_publish_that_began_after_its_announcement(
+    make_controller: MakeController,
+    database_url: str,
+    test_models: Path,
+    broker: MosquittoBroker,
+) -> None:
+    controller = _controller(
+        make_controller, database_url, test_models, transfer_max_chunk_bytes=4096
+    )
+    data = os.urandom(8192)
+    sha = _register_blob(controller, data, test_models, version="1.0.0")
+    a, b = Listener(broker, "edge-told-a", sha), Listener(broker, "edge-told-b", sha)
+    try:
+        b.announce()  # subscribed, then told the controller so (no request yet)
+        assert wait_for(lambda: controller.metric("spillway_transfer_active") == 1, 10)
+        a.ask(0, 4096)
+        for listener in (a, b):
+            assert listener.next_frame()[0].offset == 0
+        # b's first request: its listener was known before that publish began, so the
+        # publish already answered it (without the announcement it would get its own).
+        b.ask(0, 4096)
+        assert a.no_frame() and b.no_frame()
+        assert controller.metric("spillway_transfer_chunks_total") == 1
+        assert controller.metric("spillway_transfer_coalesced_total") == 1
     finally:
         a.stop()
         b.stop()
