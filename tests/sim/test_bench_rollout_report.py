@@ -28,7 +28,7 @@ def test_the_median_round_ratio_is_judged_against_the_target() -> None:
     target = report.ratios[0]
     assert target.value == 2.0 and target.target == TARGET_RATIO and target.met is False
     assert report.ratios[1].value == 4.0 / 3.0
-    title, columns, rows = report.tables[0]
+    _title, columns, rows = report.tables[0]
     assert [r["round"] for r in rows] == [1, 2, 3] and "ratio vs raw fan-out" in columns
     assert report.data["agents"] == 20 and len(report.data["rounds"]) == 3
     assert {s.label for s in report.plots} == {"raw fan-out", "raw receiver", "delivery"}
