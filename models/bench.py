@@ -13,6 +13,9 @@ as the median with its interquartile range, which a burst of load during one var
 skew. Absolute latencies (p50/p95 per batch size) are pooled over all rounds and remain at the mercy
 of the machine; the load average before and after the run is recorded next to them.
 
+The speed targets (:data:`SPEED_TARGETS`) and each variant's quality gate (from its manifest) are
+in the result, so a report can set every measurement beside what it should reach.
+
 This module must not know how variants are built; it reads published folders only.
 """
 
@@ -25,6 +28,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -45,6 +49,30 @@ BASELINE = "fp32-onnx"
 SETTLE_S = 0.02
 _EVAL_SENTENCES = 1200
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    """Throughput a variant should reach against the baseline, at one batch size."""
+
+    batch: int
+    ratio: float
+    #: Where the target is stated for: substrings of the loaded device (``CUDA`` matches
+    #: ``CUDAExecutionProvider``); None: anywhere.
+    devices: tuple[str, ...] | None = None
+    why: str = ""
+
+
+#: The issues' speed targets against FP32 ONNX (docs/models.md).
+SPEED_TARGETS: dict[str, SpeedTarget] = {
+    "int8-onnx": SpeedTarget(batch=8, ratio=2.0, why="issue 3: INT8 >= 2.0x fused FP32 at batch 8"),
+    "fp16-onnx": SpeedTarget(
+        batch=32,
+        ratio=1.5,
+        devices=("CUDA", "Tensorrt"),
+        why="FP16 >= 1.5x FP32 at batch 32, on a GPU",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -190,7 +218,11 @@ def _quartiles(values: list[float]) -> dict[str, float]:
     return {"median": float(q50), "p25": float(q25), "p75": float(q75)}
 
 
-def _interleave(workers: dict[str, _Worker], options: BenchOptions) -> dict[str, Any]:
+def _interleave(
+    workers: dict[str, _Worker],
+    options: BenchOptions,
+    on_round: Callable[[str], None] = lambda what: None,
+) -> dict[str, Any]:
     """Round-robin turns; returns per-variant latencies and per-round turn times."""
     rng = np.random.default_rng(options.seed)
     names = list(workers)
@@ -207,17 +239,28 @@ def _interleave(workers: dict[str, _Worker], options: BenchOptions) -> dict[str,
                 if round_index > 0:
                     latencies[name][batch].extend(lat)
                     turn_s[name][batch].append(sum(lat))
+        on_round("warm-up round" if round_index == 0 else f"round {round_index}/{options.rounds}")
     return {"latencies": latencies, "turn_s": turn_s}
 
 
 def bench_variants(
-    out: Path, *, public_key_path: Path, options: BenchOptions | None = None
+    out: Path,
+    *,
+    public_key_path: Path,
+    options: BenchOptions | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark every variant folder under ``out``; returns a JSON-ready report."""
+    """Benchmark every variant folder under ``out``; returns a JSON-ready report.
+
+    ``progress`` is called once when every worker is loaded, then once per round (the
+    warm-up round included): ``options.rounds + 2`` calls in all.
+    """
     import json
 
     from models.build import VARIANTS
     from models.manifest import MANIFEST_FILE
+
+    notify = progress or (lambda what: None)
 
     options = options or BenchOptions()
     manifests: dict[str, Any] = {}
@@ -236,7 +279,8 @@ def bench_variants(
             workers[variant] = _Worker(out / variant, public_key_path, texts, options)
         for worker in workers.values():
             worker.wait_ready()
-        measured = _interleave(workers, options)
+        notify(f"{len(workers)} variants loaded")
+        measured = _interleave(workers, options, notify)
         rss = {name: worker.peak_rss_mib() for name, worker in workers.items()}
     finally:
         for worker in workers.values():
@@ -255,6 +299,7 @@ def bench_variants(
             }
         row.update(peak_rss_mib=rss[variant], size_bytes=manifest["size_bytes"])
         row["quality"] = manifest["quality"]
+        row["quality_gate"] = manifest.get("quality_gate")
         rows[variant] = row
     base = BASELINE if BASELINE in rows else None
     if base is not None:
@@ -263,7 +308,8 @@ def bench_variants(
             for batch in BATCH_SIZES:
                 base_turns = np.asarray(measured["turn_s"][base][batch])
                 turns = np.asarray(measured["turn_s"][variant][batch])
-                speedup[f"b{batch}"] = _quartiles(list(base_turns / turns))  # same work per turn
+                ratios = list(base_turns / turns)  # same work per turn
+                speedup[f"b{batch}"] = {**_quartiles(ratios), "rounds": [float(r) for r in ratios]}
             row["speedup"] = speedup
             row["speedup_b8"] = speedup["b8"]["median"]
             row["speedup_b32"] = speedup["b32"]["median"]
@@ -282,5 +328,9 @@ def bench_variants(
             "ratio": "per-round throughput ratio vs baseline; median and interquartile range",
         },
         "baseline": base,
+        "speed_targets": {
+            name: {"batch": t.batch, "ratio": t.ratio, "devices": t.devices, "why": t.why}
+            for name, t in SPEED_TARGETS.items()
+        },
         "variants": rows,
     }

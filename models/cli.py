@@ -1,16 +1,14 @@
-"""Command-line entry points for building and benchmarking model variants.
+"""Command-line entry points for building model variants.
 
-``models_app`` is mounted by the CLI root as ``spillway models``; :func:`bench_models` is registered
-as
-``spillway bench models``. Errors are reported as one line and a non-zero exit, never a traceback.
+``models_app`` is mounted by the CLI root as ``spillway models``. ``spillway bench models`` lives in
+``sim.bench_models`` (it writes the shared benchmark report, which ``models`` must not know).
+Errors are reported as one line and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,7 +24,7 @@ models_app = typer.Typer(
 )
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """ORT's quantizer logs at INFO on the root logger; bnb warns once per matmul call."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -49,7 +47,7 @@ def build(
     """Build, evaluate, sign and publish every variant (cached by content hash)."""
     from models.build import VARIANTS, BuildOptions, build_all
 
-    _quiet_libraries()
+    quiet_libraries()
     options = BuildOptions(out=out, key_path=key, force=force, eval_sentences=eval_sentences)
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
@@ -77,82 +75,3 @@ def build(
             f"{q.top1_agreement:.4f}",
         )
     console.print(table)
-
-
-def bench_models(
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the results here."),
-    out: Path = typer.Option(Path("var/models"), "--out", help="Directory `models build` wrote."),
-    rounds: int = typer.Option(30, "--rounds", min=1, help="Interleaved measurement rounds."),
-    threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for every variant."),
-    variant: list[str] | None = typer.Option(
-        None, "--variant", help="Only these variants (repeatable); fp32-onnx is always included."
-    ),
-) -> None:
-    """Benchmark every built variant side by side: interleaved rounds, median per-round ratios."""
-    from models.bench import BenchOptions, bench_variants
-    from models.build import DEFAULT_KEY_PATH
-    from models.signing import public_path
-
-    _quiet_libraries()
-    public_key = public_path(out / DEFAULT_KEY_PATH)
-    if not public_key.is_file():
-        raise _fail(f"no variants under {out}; run `spillway models build --out {out}` first")
-    options = BenchOptions(
-        rounds=rounds, threads=threads, variants=tuple(variant) if variant else None
-    )
-    try:
-        report = bench_variants(out, public_key_path=public_key, options=options)
-    except (ModelError, OSError, RuntimeError) as exc:
-        raise _fail(str(exc)) from None
-    if not report["variants"]:
-        raise _fail(f"no built variants under {out}")
-    machine = report["machine"]
-    load = machine["load_average_1m"]
-    title = (
-        f"{machine['cpu']} ({machine['cores']} cores, {'/'.join(machine['isa']) or '?'}), "
-        f"{threads} threads, {rounds} interleaved rounds, "
-        f"load {load['before']:.1f}->{load['after']:.1f}"
-    )
-    table = Table(title=title)
-    for column in (
-        "variant",
-        "b1 p50/p95 ms",
-        "b8 p50/p95 ms",
-        "b32 p50/p95 ms",
-        "b8 /s",
-        "x fp32 b8 (IQR)",
-        "x fp32 b32 (IQR)",
-        "MiB",
-        "RSS MiB",
-        "mean cos",
-        "min cos",
-        "top-1",
-    ):
-        table.add_column(column)
-
-    def ratio(row: dict[str, Any], batch: str) -> str:
-        if "speedup" not in row:
-            return "-"
-        r = row["speedup"][batch]
-        return f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})"
-
-    for name, row in report["variants"].items():
-        q = row["quality"]
-        table.add_row(
-            name,
-            *(f"{row[f'b{b}']['p50_ms']:.1f}/{row[f'b{b}']['p95_ms']:.1f}" for b in (1, 8, 32)),
-            f"{row['b8']['throughput_per_s']:.0f}",
-            ratio(row, "b8"),
-            ratio(row, "b32"),
-            f"{row['size_bytes'] / 2**20:.1f}",
-            f"{row['peak_rss_mib']:.0f}",
-            f"{q['mean_cosine']:.5f}",
-            f"{q['min_cosine']:.5f}",
-            f"{q['top1_agreement']:.4f}",
-        )
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 180)  # a piped table keeps its columns
-    console.print(table)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))

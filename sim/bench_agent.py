@@ -22,6 +22,9 @@ same intra-op thread count), so the machine's noise hits both sides of each rati
 Phases run in rounds, in a shuffled order each round; ratios are computed per round and the
 median is reported. The agent is driven in-process (no HTTP, no broker): the benchmark is
 about the runtime, not the loopback network.
+
+``run_agent_bench`` measures and returns the raw result (what ``--json`` writes);
+``agent_report`` turns it into the shared ``BenchReport`` (pure: unit-tested).
 """
 
 from __future__ import annotations
@@ -40,9 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import Progress
 
 from edge_agent.clock import SystemClock
 from edge_agent.cloud import NoCloud
@@ -53,6 +55,8 @@ from edge_agent.probe import LoadSampler
 from edge_agent.results import ResultWriter
 from edge_agent.serving import EmbedRequest, ServingModel, ServingRuntime, serving_model
 from edge_agent.settings import EdgeSettings
+from sim.report import BenchReport
+from sim.report import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -397,42 +401,157 @@ def run_agent_bench(
             "target": BATCHING_TARGET,
             "met": median(dyn["ratio"]) >= BATCHING_TARGET,
         },
+        "latency_samples_ms": lat,
     }
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    s, lat, dyn = report["saturation"], report["latency_batch1"], report["dynamic_batching"]
+_LATENCY_PATHS = (
+    ("raw", "raw session.run (with tokenization)"),
+    ("agent", "agent, outbox synchronous=full (default)"),
+    ("agent_normal", "agent, outbox synchronous=normal"),
+    ("fsync", "the disk's flush alone: 4 KiB write + fdatasync"),
+)
 
-    def yes(ok: bool) -> str:
-        return "yes" if ok else "**no**"
 
-    rows = [
-        "| measure | baseline | agent | result | target | met |",
-        "|---|---|---|---|---|---|",
-        f"| throughput at saturation (items/s) | best raw ORT loop (batch {s['raw_batch']} "
-        f"length-grouped: "
-        f"{s['raw_items_per_s']:.1f}, batch 1: {s['raw_batch1_items_per_s']:.1f}) | "
-        f"{s['agent_clients']} clients: "
-        f"{s['agent_items_per_s']:.1f} | {s['ratio']:.2f}x | >= {s['target']}x | "
-        f"{yes(s['met'])} |",
-        f"| batch-1 p50 latency (ms) | raw session.run: {lat['raw_p50_ms']:.2f} | "
-        f"{lat['agent_p50_ms']:.2f} | +{lat['added_p50_ms']:.2f} ms | "
-        f"<= +{lat['target_ms']} ms | {yes(lat['met'])} |",
-        f"| batch-1 p50, outbox synchronous=normal (ms) | {lat['raw_p50_ms']:.2f} | "
-        f"{lat['agent_outbox_normal_p50_ms']:.2f} | "
-        f"+{lat['added_p50_ms_outbox_normal']:.2f} ms | (info) | - |",
-        f"| the disk's flush alone: 4 KiB write + fdatasync (ms) | - | - | "
-        f"{lat['fsync_probe_p50_ms']:.2f} ms | (info) | - |",
-        f"| concurrency {dyn['concurrency']} (items/s) | batch-1 serving: "
-        f"{dyn['batch1_items_per_s']:.1f} | dynamic batching: "
-        f"{dyn['dynamic_items_per_s']:.1f} (mean batch {dyn['mean_batch_items']:.1f}) | "
-        f"{dyn['ratio']:.2f}x | >= {dyn['target']}x | {yes(dyn['met'])} |",
-    ]
-    return "\n".join(rows)
+def agent_report(result: dict[str, Any]) -> BenchReport:
+    """``run_agent_bench``'s result -> the shared report (pure: unit-tested)."""
+    s, lat, dyn = result["saturation"], result["latency_batch1"], result["dynamic_batching"]
+    samples: dict[str, list[float]] = result.get("latency_samples_ms") or {}
+    report = BenchReport("agent", "Agent: the edge runtime vs a raw ONNX Runtime loop")
+    report.table(
+        f"Throughput, items/s (median of {result['rounds']} rounds x {result['phase_s']} s; "
+        f"{result['variant']} on {result['device']}, {result['threads']} intra-op threads)",
+        ["phase", "items/s", "mean batch"],
+        [
+            {
+                "phase": f"raw ORT loop, batch {s['raw_batch']} length-grouped like the agent",
+                "items/s": s["raw_items_per_s"],
+            },
+            {"phase": "raw ORT loop, batch 1", "items/s": s["raw_batch1_items_per_s"]},
+            {
+                "phase": f"agent, {s['agent_clients']} concurrent single-text clients",
+                "items/s": s["agent_items_per_s"],
+            },
+            {
+                "phase": f"agent at concurrency {dyn['concurrency']}, batch-1 serving",
+                "items/s": dyn["batch1_items_per_s"],
+            },
+            {
+                "phase": f"agent at concurrency {dyn['concurrency']}, dynamic batching",
+                "items/s": dyn["dynamic_items_per_s"],
+                "mean batch": dyn["mean_batch_items"],
+            },
+        ],
+        formats={"items/s": "{:.1f}", "mean batch": "{:.1f}"},
+    )
+    p50 = {
+        "raw": lat["raw_p50_ms"],
+        "agent": lat["agent_p50_ms"],
+        "agent_normal": lat["agent_outbox_normal_p50_ms"],
+        "fsync": lat["fsync_probe_p50_ms"],
+    }
+    added = {"agent": lat["added_p50_ms"], "agent_normal": lat["added_p50_ms_outbox_normal"]}
+    report.table(
+        f"Batch-1 latency, ms ({lat['samples']} samples per path, interleaved one at a time)",
+        ["path", "p50 ms", "p95 ms", "added p50 ms"],
+        [
+            {
+                "path": label,
+                "p50 ms": p50[key],
+                "p95 ms": (float(np.percentile(samples[key], 95)) if samples.get(key) else None),
+                "added p50 ms": added.get(key),
+            }
+            for key, label in _LATENCY_PATHS
+        ],
+        formats={"p50 ms": "{:.2f}", "p95 ms": "{:.2f}", "added p50 ms": "{:+.2f}"},
+    )
+    rounds = range(1, len(s["ratios"]) + 1)
+    report.table(
+        "Per-round ratios (the medians below are over these)",
+        ["round", "saturation", f"c{dyn['concurrency']} batching"],
+        [
+            {"round": r, "saturation": sat, f"c{dyn['concurrency']} batching": batching}
+            for r, sat, batching in zip(rounds, s["ratios"], dyn["ratios"], strict=True)
+        ],
+    )
+    report.ratio(
+        f"saturation: agent ({s['agent_clients']} clients) / best raw ORT loop",
+        s["ratio"],
+        target=s["target"],
+    )
+    report.ratio(
+        "batch-1 added p50 ms (outbox synchronous=full, the default)",
+        lat["added_p50_ms"],
+        target=lat["target_ms"],
+        higher_is_better=False,
+    )
+    report.ratio(
+        "batch-1 added p50 ms (outbox synchronous=normal; info)",
+        lat["added_p50_ms_outbox_normal"],
+        higher_is_better=False,
+    )
+    report.ratio(
+        f"concurrency {dyn['concurrency']}: dynamic batching / batch-1 serving",
+        dyn["ratio"],
+        target=dyn["target"],
+    )
+    report.series(
+        "per-round ratios", "saturation", list(rounds), s["ratios"], xlabel="round", ylabel="x"
+    )
+    report.series(
+        "per-round ratios",
+        f"c{dyn['concurrency']} batching",
+        list(rounds),
+        dyn["ratios"],
+        xlabel="round",
+        ylabel="x",
+    )
+    ends = [1, max(1, len(s["ratios"]))]
+    for label, target in (("saturation", s["target"]), ("batching", dyn["target"])):
+        report.series(
+            "per-round ratios",
+            f"{label} target {target}",
+            ends,
+            [target, target],
+            xlabel="round",
+            ylabel="x",
+        )
+    for key, label in _LATENCY_PATHS:
+        values = sorted(samples.get(key) or [])
+        if values:
+            report.series(
+                "batch-1 latency distribution",
+                label,
+                [100.0 * (i + 0.5) / len(values) for i in range(len(values))],
+                values,
+                xlabel="percentile",
+                ylabel="ms",
+            )
+    load = result["load_avg_1m"]
+    report.note(
+        f"{result['variant']} on {result['device']}, one ORT session shared by both sides "
+        f"({result['threads']} intra-op threads), {result['cpu_count']} CPUs; load average "
+        f"{load['before']:.2f} -> {load['after']:.2f} during the measurement."
+    )
+    report.note(
+        "The agent is driven in-process through ServingRuntime.serve (routing, dynamic "
+        "batching, the model thread, the durable outbox commit), not over HTTP or MQTT. "
+        "Phases run in a shuffled order each round; ratios are per round, the median is "
+        "reported."
+    )
+    report.note(
+        "With synchronous=full every answer's outbox record is flushed to disk before the "
+        "answer: the flush probe shows what that flush alone costs on this machine."
+    )
+    report.data.update(result)
+    return report
 
 
 def bench_agent(
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the results here."),
+    out: Path = typer.Option(Path("var/bench"), "--out", help="Where the reports go."),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Also write the raw results here (the pre-report JSON)."
+    ),
     model_dir: Path = typer.Option(
         Path("var/models"), "--model-dir", help="Directory `spillway models build` wrote."
     ),
@@ -445,7 +564,6 @@ def bench_agent(
 ) -> None:
     """The edge agent's runtime against a raw ONNX Runtime loop, side by side, as ratios."""
     logging.getLogger("edge_agent").setLevel(logging.ERROR)
-    console = Console()
     options = AgentBenchOptions(
         model_dir=model_dir,
         variant=variant,
@@ -455,26 +573,17 @@ def bench_agent(
         concurrency=concurrency,
         latency_samples=latency_samples,
     )
-    steps = 1 + rounds * 6
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("bench agent", total=steps)
-
-        def step(what: str) -> None:
-            bar.update(task, advance=1, description=what)
-
-        try:
-            report = run_agent_bench(options, progress=step)
-        except BenchError as exc:
-            typer.echo(f"spillway bench agent: {exc}", err=True)
-            raise typer.Exit(1) from exc
-    console.print(
-        f"{report['variant']} on {report['device']}, {report['threads']} intra-op threads, "
-        f"{report['rounds']} rounds; load average {report['load_avg_1m']['before']:.2f} -> "
-        f"{report['load_avg_1m']['after']:.2f}",
-        highlight=False,
-    )
-    console.print(markdown_table(report), markup=False, highlight=False)
+    try:
+        with progress_bar(1 + rounds * 6, "bench agent") as step:
+            result = run_agent_bench(options, progress=step)
+    except BenchError as exc:
+        typer.echo(f"spillway bench agent: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    report = agent_report(result)
+    paths = report.write(out)
+    typer.echo(report.markdown())
+    typer.echo(f"reports     {paths['json']} {paths['md']} {paths['png']}")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"json        {json_path}", highlight=False)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"json        {json_path}")

@@ -9,6 +9,9 @@ host's cores (threads per rank = CPUs / ranks). Ratios are against 1 replica x T
 
 On a CUDA host it also times one full-model forward in FP32, FP16 and BF16; without one the
 report says so.
+
+``run_pool_bench`` measures and returns the raw result (what ``--json`` writes);
+``pool_report`` turns it into the shared ``BenchReport`` (pure: unit-tested).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +32,28 @@ from typing import Any
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from cloud_controller.pool import LocalProcessOrchestrator, PoolClient, PoolSettings, PoolSupervisor
 from models.corpus import stdlib_sentences
 from protocol.mqtt import MqttClient, MqttSettings
 from protocol.topics import Topics
-from sim.broker import MosquittoBroker
+from sim.broker import BrokerError, MosquittoBroker
+from sim.report import BenchReport, progress
+
+
+class PoolBenchError(RuntimeError):
+    """The pools never came up; the message says why."""
+
+
+@dataclass(frozen=True)
+class PoolBenchOptions:
+    rounds: int = 3
+    seconds: float = 4.0
+    """Seconds of closed-loop load per pool per round."""
+    concurrency: int = 8
+    per_request: int = 4
+    """Texts in each request."""
+    ready_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,7 @@ def _wait_ready(clients: list[PoolClient], replicas: list[int], timeout_s: float
         ):
             return
         time.sleep(0.2)
-    raise RuntimeError("pools did not become ready in time")
+    raise PoolBenchError(f"pools did not become ready in {timeout_s:.0f} s")
 
 
 async def _closed_loop(
@@ -155,48 +171,54 @@ def _cuda_precisions() -> dict[str, Any]:
     return result
 
 
-def bench_pool(
-    json_path: Path | None = typer.Option(None, "--json", help="Write the results here."),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Interleaved rounds per pool."),
-    seconds: float = typer.Option(4.0, "--seconds", min=0.5, help="Seconds per round."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight."),
-    per_request: int = typer.Option(4, "--texts-per-request", min=1, max=64),
-) -> None:
-    """TP=1 vs TP=2 and 1 vs 2 replicas of the overflow pool, on this machine."""
-    console = Console()
+def run_pool_bench(
+    options: PoolBenchOptions, *, step: Callable[[str], None] = lambda what: None
+) -> dict[str, Any]:
+    """Start the pools, measure them in interleaved rounds; the JSON-ready result.
+
+    ``step`` is called ``3 + rounds x len(CONFIGS)`` times: pools ready, warmed up, each
+    pool's turn of each round, the CUDA precisions.
+    """
     texts = stdlib_sentences(evaluation=600).evaluation
     samples: dict[str, list[float]] = {c.name: [] for c in CONFIGS}
     busy_s: dict[str, float] = {c.name: 0.0 for c in CONFIGS}
+    per_round: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="spillway-bench-pool-") as tmp, ExitStack() as stack:
         broker = stack.enter_context(MosquittoBroker(Path(tmp) / "broker"))
         clients = [stack.enter_context(_pool(broker, c, Path(tmp))) for c in CONFIGS]
-        console.print("starting pools (model load per rank)...")
-        _wait_ready(clients, [c.replicas for c in CONFIGS], timeout_s=300)
+        _wait_ready(clients, [c.replicas for c in CONFIGS], timeout_s=options.ready_timeout_s)
+        step("pools ready (model load per rank)")
         for client in clients:  # warm-up: first batches allocate
             asyncio.run(
-                _closed_loop(client, texts, concurrency=2, per_request=per_request, seconds=1)
+                _closed_loop(
+                    client, texts, concurrency=2, per_request=options.per_request, seconds=1
+                )
             )
-        with Progress(console=console) as progress:
-            task = progress.add_task("measuring", total=rounds * len(CONFIGS))
-            for _ in range(rounds):
-                for config, client in zip(CONFIGS, clients, strict=True):
-                    began = time.perf_counter()
-                    samples[config.name] += asyncio.run(
-                        _closed_loop(
-                            client,
-                            texts,
-                            concurrency=concurrency,
-                            per_request=per_request,
-                            seconds=seconds,
-                        )
+        step("warmed up")
+        for r in range(options.rounds):
+            this_round: dict[str, float] = {}
+            for config, client in zip(CONFIGS, clients, strict=True):
+                began = time.perf_counter()
+                latencies = asyncio.run(
+                    _closed_loop(
+                        client,
+                        texts,
+                        concurrency=options.concurrency,
+                        per_request=options.per_request,
+                        seconds=options.seconds,
                     )
-                    busy_s[config.name] += time.perf_counter() - began
-                    progress.advance(task)
+                )
+                took = time.perf_counter() - began
+                samples[config.name] += latencies
+                busy_s[config.name] += took
+                this_round[config.name] = len(latencies) * options.per_request / took
+                step(f"round {r + 1}/{options.rounds}: {config.name}")
+            per_round.append(this_round)
     results: list[dict[str, Any]] = []
     base_tput = None
     for config in CONFIGS:
         lat = np.asarray(samples[config.name])
-        tput = len(lat) * per_request / busy_s[config.name]
+        tput = len(lat) * options.per_request / busy_s[config.name]
         base_tput = base_tput or tput
         results.append(
             {
@@ -211,45 +233,154 @@ def bench_pool(
             }
         )
     cuda: dict[str, Any] = _cuda_precisions()
-    report = {
+    step("CUDA precisions" if "skipped" not in cuda else "no CUDA")
+    return {
         "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
         "load": {
-            "rounds": rounds,
-            "seconds_per_round": seconds,
-            "concurrency": concurrency,
-            "texts_per_request": per_request,
+            "rounds": options.rounds,
+            "seconds_per_round": options.seconds,
+            "concurrency": options.concurrency,
+            "texts_per_request": options.per_request,
         },
         "pools": results,
         "cuda_precisions": cuda,
+        "per_round_texts_per_s": per_round,
+        "latencies_ms": samples,
     }
-    table = Table(title=f"Overflow pool on {os.cpu_count()} CPUs (interleaved, {rounds} rounds)")
-    for column in ("pool", "texts/s", "p50 ms", "p95 ms", "throughput vs 1xTP1"):
-        table.add_column(column)
-    for row in results:
-        table.add_row(
-            row["pool"],
-            f"{row['texts_per_s']:.1f}",
-            f"{row['p50_ms']:.0f}",
-            f"{row['p95_ms']:.0f}",
-            f"{row['throughput_vs_baseline']:.2f}x",
+
+
+_BASELINE = CONFIGS[0].name
+
+
+def pool_report(result: dict[str, Any]) -> BenchReport:
+    """``run_pool_bench``'s result -> the shared report (pure: unit-tested)."""
+    load, pools = result["load"], result["pools"]
+    cpus = result["host"]["cpus"]
+    report = BenchReport("pool", "Pool: TP=1 vs TP=2, 1 vs 2 replicas of the overflow pool")
+    report.table(
+        f"Overflow pool on {cpus} CPUs (interleaved, {load['rounds']} "
+        f"round{'' if load['rounds'] == 1 else 's'} x "
+        f"{load['seconds_per_round']} s, {load['concurrency']} requests in flight x "
+        f"{load['texts_per_request']} texts)",
+        ["pool", "replicas", "tp", "requests", "texts/s", "p50 ms", "p95 ms", "vs 1xTP1"],
+        [
+            {
+                "pool": row["pool"],
+                "replicas": row["replicas"],
+                "tp": row["tp"],
+                "requests": row["requests"],
+                "texts/s": row["texts_per_s"],
+                "p50 ms": row["p50_ms"],
+                "p95 ms": row["p95_ms"],
+                "vs 1xTP1": row["throughput_vs_baseline"],
+            }
+            for row in pools
+        ],
+        formats={"texts/s": "{:.1f}", "p50 ms": "{:.0f}", "p95 ms": "{:.0f}"},
+    )
+    per_round: list[dict[str, float]] = result.get("per_round_texts_per_s") or []
+    names = [row["pool"] for row in pools]
+    if per_round:
+        report.table(
+            "Texts/s per round",
+            ["round", *names],
+            [{"round": i, **r} for i, r in enumerate(per_round, start=1)],
         )
-    console.print(table)
-    console.print(_markdown(results))
-    console.print(f"CUDA precisions: {cuda.get('skipped') or json.dumps(cuda)}")
+    by_name = {row["pool"]: row for row in pools}
+    base = by_name.get(_BASELINE)
+    for config in CONFIGS[1:]:
+        row = by_name.get(config.name)
+        if base is not None and row is not None:
+            report.ratio(
+                f"throughput {config.name} / {_BASELINE}",
+                row["texts_per_s"] / base["texts_per_s"],
+            )
+    cuda: dict[str, Any] = result.get("cuda_precisions") or {}
+    if "skipped" in cuda:
+        report.note(f"CUDA precisions: {cuda['skipped']}.")
+    elif "float32" in cuda:
+        precisions = [p for p in ("float32", "float16", "bfloat16") if p in cuda]
+        report.table(
+            f"One full-model forward, batch 64, on {cuda.get('device')}",
+            ["dtype", "ms", "speed vs float32", "max abs diff vs float32"],
+            [
+                {
+                    "dtype": p,
+                    "ms": cuda[p]["batch64_ms"],
+                    "speed vs float32": cuda["float32"]["batch64_ms"] / cuda[p]["batch64_ms"],
+                    "max abs diff vs float32": cuda[p]["max_abs_diff_vs_fp32"],
+                }
+                for p in precisions
+            ],
+            formats={"max abs diff vs float32": "{:.2e}"},
+        )
+        for p in precisions[1:]:
+            report.ratio(
+                f"forward speed {p} / float32 (CUDA, batch 64)",
+                cuda["float32"]["batch64_ms"] / cuda[p]["batch64_ms"],
+            )
+    for name in names:
+        rounds = [r[name] for r in per_round if name in r]
+        if rounds:
+            report.series(
+                "texts/s per round",
+                name,
+                list(range(1, len(rounds) + 1)),
+                rounds,
+                xlabel="round",
+                ylabel="texts/s",
+            )
+    latencies: dict[str, list[float]] = result.get("latencies_ms") or {}
+    for name in names:
+        values = sorted(latencies.get(name) or [])
+        if values:
+            report.series(
+                "request latency distribution",
+                name,
+                [100.0 * (i + 0.5) / len(values) for i in range(len(values))],
+                values,
+                xlabel="percentile",
+                ylabel="ms",
+            )
+    report.note(
+        "Closed loop through PoolClient (the gateway's MQTT v5 request/response path), one "
+        "broker, the three pools on separate topic roots, measured in interleaved rounds; "
+        f"every pool uses all {cpus} CPUs (threads per rank = CPUs / ranks)."
+    )
+    if cpus is not None and cpus <= 2:
+        report.note(
+            "On 2 CPUs TP=2 is not expected to be faster: both ranks share the same cores "
+            "and pay an all-reduce per layer."
+        )
+    report.data.update(result)
+    return report
+
+
+def bench_pool(
+    out: Path = typer.Option(Path("var/bench"), "--out", help="Where the reports go."),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Also write the raw results here (the pre-report JSON)."
+    ),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Interleaved rounds per pool."),
+    seconds: float = typer.Option(4.0, "--seconds", min=0.5, help="Seconds per round."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight."),
+    per_request: int = typer.Option(4, "--texts-per-request", min=1, max=64),
+) -> None:
+    """TP=1 vs TP=2 and 1 vs 2 replicas of the overflow pool, on this machine."""
+    options = PoolBenchOptions(
+        rounds=rounds, seconds=seconds, concurrency=concurrency, per_request=per_request
+    )
+    try:
+        with progress(3 + rounds * len(CONFIGS), "bench pool") as step:
+            result = run_pool_bench(options, step=step)
+    except (PoolBenchError, BrokerError) as exc:
+        typer.echo(f"spillway bench pool: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    report = pool_report(result)
+    paths = report.write(out)
+    typer.echo(report.markdown())
+    typer.echo(f"reports     {paths['json']} {paths['md']} {paths['png']}")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
-        console.print(f"report      {json_path}")
-
-
-def _markdown(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| pool | texts/s | p50 ms | p95 ms | throughput vs 1 replica TP=1 |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in results:
-        lines.append(
-            f"| {row['pool']} | {row['texts_per_s']:.1f} | {row['p50_ms']:.0f} | "
-            f"{row['p95_ms']:.0f} | {row['throughput_vs_baseline']:.2f}x |"
-        )
-    return "\n".join(lines)
+        json_path.write_text(json.dumps(result, indent=2))
+        typer.echo(f"json        {json_path}")

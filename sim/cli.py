@@ -14,6 +14,7 @@ from rich.table import Table
 
 from sim.bench_agent import bench_agent
 from sim.bench_fleet import bench_fleet
+from sim.bench_models import bench_models
 from sim.bench_overflow import bench_overflow
 from sim.bench_pool import bench_pool
 from sim.bench_rollout import bench_rollout
@@ -151,15 +152,14 @@ def _summary(console: Console, result: DemoReport, *, took_s: float) -> None:
 
 
 def _bench_args(name: str, out: Path, model_dir: Path) -> list[str]:
-    """Each bench's own command line: the shared-report benches take ``--out``, the others
-    ``--json`` (their markdown goes to their log)."""
-    if name in ("overflow", "fleet"):
-        extra = ["--model-dir", str(model_dir)] if name == "overflow" else []
-        return ["--out", str(out), *extra]
-    if name == "models":  # its --out is the model directory
-        return ["--json", str(out / "models.json"), "--out", str(model_dir), "--rounds", "5"]
-    extra = [] if name == "pool" else ["--model-dir", str(model_dir)]
-    return ["--json", str(out / f"{name}.json"), *extra]
+    """Each bench's own command line: every bench writes ``<out>/<name>.json/.md/.png``
+    through ``--out``; the ones that load a built model also get ``--model-dir``."""
+    args = ["--out", str(out)]
+    if name not in ("pool", "fleet"):  # the pool builds its encoder itself; fleet has no model
+        args += ["--model-dir", str(model_dir)]
+    if name == "models":
+        args += ["--rounds", "5"]
+    return args
 
 
 def bench_all(
@@ -214,6 +214,7 @@ def bench_all(
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("demo")(demo)
+    bench_app.command("models", help="Every model variant side by side.")(bench_models)
     bench_app.command("agent", help="Agent end-to-end vs a raw onnxruntime loop.")(bench_agent)
     bench_app.command("pool", help="Overflow pool: TP=1 vs TP=2, 1 vs 2 replicas.")(bench_pool)
     bench_app.command("rollout", help="Model delivery to N agents vs raw MQTT fan-out.")(

@@ -60,7 +60,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, fmt: str | None = None) -> str:
+    if fmt is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        return "-" if value != value else fmt.format(value)
     if isinstance(value, bool):
         return "yes" if value else "**no**"
     if isinstance(value, float):
@@ -74,10 +76,16 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+def markdown_table(
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    formats: dict[str, str] | None = None,
+) -> str:
+    """``formats`` maps a column to a ``str.format`` pattern for its numbers (``"{:.5f}"``)."""
+    formats = formats or {}
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c), formats.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -87,6 +95,8 @@ class Ratio:
     value: float
     target: float | None = None
     higher_is_better: bool = True
+    fmt: str | None = None
+    """``str.format`` pattern for the value and target in markdown (None: the default)."""
 
     @property
     def met(self) -> bool | None:
@@ -123,19 +133,36 @@ class BenchReport:
     machine: dict[str, Any] = field(default_factory=machine_info)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     tables: list[tuple[str, list[str], list[dict[str, Any]]]] = field(default_factory=list)
+    formats: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per table title: column -> ``str.format`` pattern for its numbers in markdown."""
     ratios: list[Ratio] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plots: list[Series] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping in the JSON (raw samples, settings)."""
 
-    def table(self, title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    def table(
+        self,
+        title: str,
+        columns: Sequence[str],
+        rows: Sequence[dict[str, Any]],
+        *,
+        formats: dict[str, str] | None = None,
+    ) -> None:
         self.tables.append((title, list(columns), [dict(r) for r in rows]))
+        if formats:
+            self.formats[title] = dict(formats)
 
     def ratio(
-        self, name: str, value: float, *, target: float | None = None, higher_is_better: bool = True
+        self,
+        name: str,
+        value: float,
+        *,
+        target: float | None = None,
+        higher_is_better: bool = True,
+        fmt: str | None = None,
     ) -> Ratio:
-        r = Ratio(name, value, target, higher_is_better)
+        r = Ratio(name, value, target, higher_is_better, fmt)
         self.ratios.append(r)
         return r
 
@@ -188,16 +215,21 @@ class BenchReport:
             f"{m['cpus']} CPUs, {m.get('memory_gib')} GiB; load average {load}.",
         ]
         for title, columns, rows in self.tables:
-            parts += ["", f"**{title}**", "", markdown_table(columns, rows)]
+            parts += [
+                "",
+                f"**{title}**",
+                "",
+                markdown_table(columns, rows, self.formats.get(title)),
+            ]
         if self.ratios:
             rows = [
                 {
                     "measure": r.name,
-                    "value": r.value,
+                    "value": _cell(r.value, r.fmt),
                     "target": (
                         "-"
                         if r.target is None
-                        else (">= " if r.higher_is_better else "<= ") + _cell(r.target)
+                        else (">= " if r.higher_is_better else "<= ") + _cell(r.target, r.fmt)
                     ),
                     "met": "-" if r.met is None else r.met,
                 }

@@ -33,11 +33,10 @@ def _mount() -> None:
     app.add_typer(agent_app, name="agent")
     register_sim(app, bench_app)
     try:
-        from models.cli import bench_models, models_app
+        from models.cli import models_app
     except ImportError:  # an edge-only install has no model-building tools
         return
     app.add_typer(models_app, name="models")
-    bench_app.command("models", help="Every model variant side by side.")(bench_models)
 
 
 def main() -> None:

@@ -34,9 +34,13 @@ def test_bench_agent_reports_every_ratio_as_a_table_and_json(
     out = tmp_path / "bench.json"
     args = ["--model-dir", str(model_dir), "--rounds", "1", "--phase-s", "0.2"]
     args += ["--latency-samples", "6", "--concurrency", "4", "--threads", "1", "--json", str(out)]
+    args += ["--out", str(tmp_path / "reports")]
     result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
-    assert "| measure | baseline | agent | result | target | met |" in result.output
+    assert "| measure | value | target | met |" in result.output
+    shared = json.loads((tmp_path / "reports" / "agent.json").read_text())
+    assert [r["target"] for r in shared["ratios"]] == [0.9, 1.0, None, 1.3]
+    assert (tmp_path / "reports" / "agent.png").stat().st_size > 0
     report = json.loads(out.read_text())
     assert report["variant"] == "int8-onnx" and report["threads"] == 1
     saturation, latency, batching = (
@@ -54,6 +58,7 @@ def test_bench_agent_reports_every_ratio_as_a_table_and_json(
     assert latency["added_p50_ms"] == pytest.approx(latency["agent_p50_ms"] - latency["raw_p50_ms"])
     assert batching["concurrency"] == 4 and batching["batch1_items_per_s"] > 0
     assert all("met" in part for part in (saturation, latency, batching))
+    assert shared["data"]["latency_batch1"] == latency
 
 
 def test_bench_agent_without_a_build_says_how_to_make_one(tmp_path: Path) -> None:
