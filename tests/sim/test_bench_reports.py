@@ -295,8 +295,7 @@ def test_every_report_writes_json_markdown_and_a_plot(report: BenchReport, tmp_p
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# rollout takes --out once its own conversion lands (sim/bench_rollout.py, being edited).
-@pytest.mark.parametrize("name", [n for n in ALL_BENCHES if n != "rollout"])
+@pytest.mark.parametrize("name", ALL_BENCHES)
 def test_bench_all_passes_each_bench_options_it_accepts(name: str, tmp_path: Path) -> None:
     app, bench_app = typer.Typer(), typer.Typer()
     register(app, bench_app)
