@@ -517,16 +517,9 @@ def agent_report(result: dict[str, Any]) -> BenchReport:
             ylabel="x",
         )
     for key, label in _LATENCY_PATHS:
-        values = sorted(samples.get(key) or [])
-        if values:
-            report.series(
-                "batch-1 latency distribution",
-                label,
-                [100.0 * (i + 0.5) / len(values) for i in range(len(values))],
-                values,
-                xlabel="percentile",
-                ylabel="ms",
-            )
+        report.distribution(
+            "batch-1 latency distribution", label, samples.get(key) or [], ylabel="ms"
+        )
     load = result["load_avg_1m"]
     report.note(
         f"{result['variant']} on {result['device']}, one ORT session shared by both sides "

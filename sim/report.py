@@ -186,6 +186,14 @@ class BenchReport:
             )
         )
 
+    def distribution(self, panel: str, label: str, values: Sequence[float], *, ylabel: str) -> None:
+        """``values`` sorted against their percentile (nothing when empty)."""
+        ordered = sorted(values)
+        if ordered:
+            n = len(ordered)
+            xs = [100.0 * (i + 0.5) / n for i in range(n)]
+            self.series(panel, label, xs, ordered, xlabel="percentile", ylabel=ylabel)
+
     # -- rendering ----------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
