@@ -14,6 +14,7 @@ from rich.table import Table
 
 from sim.bench_agent import bench_agent
 from sim.bench_fleet import bench_fleet
+from sim.bench_intake import bench_intake
 from sim.bench_models import bench_models
 from sim.bench_overflow import bench_overflow
 from sim.bench_pool import bench_pool
@@ -226,4 +227,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command(
         "fleet", help="Control plane under N simulated agents: ingest, REST p99, convergence."
     )(bench_fleet)
+    bench_app.command(
+        "intake", help="Controller MQTT intake: a broker backlog drained, msgs/s, CPU per message."
+    )(bench_intake)
     bench_app.command("all", help="Every benchmark in turn; a combined markdown.")(bench_all)
