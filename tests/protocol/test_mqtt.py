@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from protocol.mqtt import InboundMessage, MqttClient, MqttSettings, NotConnected, Will
+from protocol.mqtt import (
+    InboundMessage,
+    MqttClient,
+    MqttSettings,
+    NotConnected,
+    Will,
+    _BufferedSocket,
+)
 from protocol.topics import QoS
 from sim.broker import MosquittoBroker
 
@@ -174,3 +182,70 @@ def test_mosquitto_defaults_would_have_dropped_some(tmp_path: Path) -> None:
     """The same burst on mosquitto's defaults loses messages: the limits are what fix it."""
     with MosquittoBroker(tmp_path / "defaults", limits=False) as broker:
         assert len(_burst(broker, 5_000)) < 5_000
+
+
+def test_small_reads_are_served_from_one_system_call() -> None:
+    """paho reads a packet byte by byte, then its body: one recv serves all of that."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    buffered = _BufferedSocket(ours)
+    try:
+        theirs.sendall(b"\x30\x05hello" * 3)
+        assert buffered.recv(1) == b"\x30"
+        assert buffered.pending() == 20
+        assert buffered.recv(1) == b"\x05"
+        assert buffered.recv(5) == b"hello"
+        assert buffered.recv(100) == b"\x30\x05hello" * 2  # what is left, as a socket would
+        assert buffered.pending() == 0 and buffered.reads == 1
+        with pytest.raises(BlockingIOError):
+            buffered.recv(1)
+        theirs.close()
+        assert buffered.recv(1) == b""  # the peer closed
+    finally:
+        ours.close()
+
+
+def test_a_backlog_arrives_whole_in_order_and_in_large_reads(broker: MosquittoBroker) -> None:
+    """3,000 QoS 1 messages queued for an offline session: each reaches the matching
+    handler once and in order, none reaches the other one, in far fewer reads than
+    messages."""
+    settings = MqttSettings(host=broker.host, port=broker.port, client_id="backlog")
+    got: list[bytes] = []
+    stray: list[InboundMessage] = []
+
+    def subscriber() -> MqttClient:
+        client = MqttClient(settings)
+        client.subscribe(
+            "burst/+", lambda message: got.append(message.payload), qos=QoS.AT_LEAST_ONCE
+        )
+        client.subscribe("other/#", stray.append, qos=QoS.AT_LEAST_ONCE)
+        client.start()
+        assert client.wait_connected(5)
+        return client
+
+    first = subscriber()
+    producer = MqttClient(
+        MqttSettings(host=broker.host, port=broker.port, client_id="backlog-producer")
+    )
+    producer.start()
+    try:
+        assert producer.wait_connected(5)
+        producer.publish("burst/probe", b"probe", qos=QoS.AT_LEAST_ONCE)
+        assert wait_for(lambda: got == [b"probe"])  # subscribed
+        first.stop()
+        for i in range(3000):
+            producer.publish(f"burst/{i % 50}", str(i).encode(), qos=QoS.AT_LEAST_ONCE)
+        producer.publish("burst/last", b"last", qos=QoS.AT_LEAST_ONCE, wait_s=30)
+    finally:
+        producer.stop()
+    second = subscriber()
+    try:
+        assert wait_for(lambda: len(got) >= 3002, timeout_s=30)
+        sock = second._client.socket()
+        assert isinstance(sock, _BufferedSocket)  # paho still creates its socket the same way
+        reads = sock.reads
+    finally:
+        second.stop()
+    assert got == [b"probe", *(str(i).encode() for i in range(3000)), b"last"]
+    assert not stray
+    assert reads < 3000 / 4
