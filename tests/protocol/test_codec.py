@@ -12,7 +12,7 @@ from protocol.codec import (
     decode,
     encode,
 )
-from protocol.messages import DesiredState, Hello, RuntimeCapabilities
+from protocol.messages import DesiredState, Heartbeat, Hello, RuntimeCapabilities
 
 
 def _hello() -> Hello:
@@ -57,6 +57,62 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
 def test_bad_payloads_are_classed(payload: bytes, error: type[Exception], says: str) -> None:
     with pytest.raises(error, match=says):
         decode(payload, DesiredState)
+
+
+def _beat(**changes: object) -> bytes:
+    raw: dict[str, object] = {
+        "schema_version": 1,
+        "device_id": "d1",
+        "seq": 3,
+        "uptime_s": 2.5,
+        "boot_epoch": 1,
+    }
+    raw.update(changes)
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (_beat(), {"seq": 3, "uptime_s": 2.5}),
+        (_beat(uptime_s=2), {"uptime_s": 2.0}),  # an integer where a float is expected
+        (_beat(seq=3.0), {"seq": 3}),  # a float with an integral value
+        (_beat(schema_version=1.0), {"schema_version": 1}),
+        (_beat(schema_version=True), {"schema_version": 1}),  # True == 1, as json.loads sees it
+        (_beat(seq="3"), {"seq": 3}),  # a numeric string
+        ("\ufeff".encode() + _beat(), {"seq": 3}),  # a UTF-8 byte order mark
+        (_beat().decode().encode("utf-16"), {"seq": 3}),  # UTF-16, as json.loads detects it
+    ],
+)
+def test_lax_payloads_are_accepted_as_before(payload: bytes, expected: dict[str, object]) -> None:
+    """What strict parsing refuses takes the checked path, which accepts what it always did."""
+    beat = decode(payload, Heartbeat)
+    assert {key: getattr(beat, key) for key in expected} == expected
+    assert type(beat.uptime_s) is float and type(beat.seq) is int
+
+
+@pytest.mark.parametrize(
+    ("payload", "error", "says"),
+    [
+        (_beat(schema_version="1"), UnsupportedVersion, "'1'"),  # not coerced to 1
+        (_beat(schema_version=None), UnsupportedVersion, "None"),
+        (_beat(schema_version=2), UnsupportedVersion, "2"),
+        (_beat(seq=-1), MalformedMessage, "seq"),
+        (_beat(device_id="x" * 65), MalformedMessage, "device_id"),
+        (b'{"schema_version": 1, "device_id": "d1\ud800"}', MalformedMessage, "device_id"),
+    ],
+)
+def test_the_fast_path_refuses_and_classes_as_before(
+    payload: bytes, error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        decode(payload, Heartbeat)
+
+
+def test_a_message_without_schema_version_is_refused_though_the_model_has_a_default() -> None:
+    payload = json.dumps({"device_id": "d1", "seq": 1, "uptime_s": 1.0, "boot_epoch": 1})
+    with pytest.raises(UnsupportedVersion, match="None"):
+        decode(payload.encode(), Heartbeat)
 
 
 def test_oversized_is_refused_before_parsing() -> None:
