@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -94,6 +95,17 @@ _MODELS: dict[DeviceChannel, type[Envelope]] = {
 _CONTROL = frozenset({DeviceChannel.HELLO, DeviceChannel.STATUS, DeviceChannel.REPORTED})
 """Channels whose messages go to the control queue, which the worker empties first."""
 
+
+@dataclass(frozen=True)
+class _Inbound:
+    """What ``Bridge.handle`` needs to know about one channel, looked up once per message."""
+
+    model: type[Envelope]
+    max_bytes: int
+    control: bool
+    retained: bool
+
+
 T = TypeVar("T")
 
 _TICK_S = 1.0
@@ -108,6 +120,22 @@ class _Accepted:
     message: Envelope
     topic: str
     received_at: datetime
+
+
+class _ByChannel:
+    """A counter labelled by channel, each child looked up once (``labels`` is costly at
+    thousands of messages a second); a child is created when first counted, so
+    ``/metrics`` lists the same series as before. For one thread."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[DeviceChannel, Counter] = {}
+
+    def inc(self, channel: DeviceChannel) -> None:
+        child = self._children.get(channel)
+        if child is None:
+            child = self._children[channel] = self._counter.labels(channel.value)
+        child.inc()
 
 
 class _Cleanup:
@@ -137,6 +165,10 @@ class _IngestQueues:
         self._data_max = data_max
         self._markers = 0
         self._ready = threading.Condition()
+        self._wanted = 0
+        """Queued items the taker waits for (0: it is not waiting). ``put`` wakes it only
+        when there are that many: a worker lingering for a full batch is not woken (and
+        does not take the GIL) once per message."""
 
     def put(self, item: _Accepted, *, control: bool) -> bool:
         """Queue ``item``; False when its queue is full."""
@@ -149,7 +181,8 @@ class _IngestQueues:
                 if len(self._data) - self._markers >= self._data_max:
                     return False
                 self._data.append(item)
-            self._ready.notify()
+            if self._wanted and len(self._control) + len(self._data) >= self._wanted:
+                self._ready.notify()
             return True
 
     def put_marker(self, marker: _Marker) -> None:
@@ -166,13 +199,18 @@ class _IngestQueues:
         """The next batch: wait up to ``timeout_s`` for a first item (else []), then up to
         ``linger_s`` for ``most`` items (no lingering once a marker waits)."""
         with self._ready:
-            if not self._ready.wait_for(lambda: bool(self._control or self._data), timeout_s):
-                return []
-            if linger_s > 0:
-                self._ready.wait_for(
-                    lambda: self._markers > 0 or len(self._control) + len(self._data) >= most,
-                    linger_s,
-                )
+            try:
+                self._wanted = 1
+                if not self._ready.wait_for(lambda: bool(self._control or self._data), timeout_s):
+                    return []
+                if linger_s > 0:
+                    self._wanted = most
+                    self._ready.wait_for(
+                        lambda: self._markers > 0 or len(self._control) + len(self._data) >= most,
+                        linger_s,
+                    )
+            finally:
+                self._wanted = 0
             batch: list[_Item] = []
             while self._control and len(batch) < most:
                 batch.append(self._control.popleft())
@@ -218,6 +256,20 @@ class Bridge:
         self._signer_lock = threading.Lock()
         self.rejects = RejectCounter()
         self.gaps = GapTracker()
+        self._inbound = {
+            channel: _Inbound(
+                model=model,
+                max_bytes=settings.max_result_payload_bytes
+                if channel is DeviceChannel.RESULTS
+                else settings.max_payload_bytes,
+                control=channel in _CONTROL,
+                retained=channel.spec.retain,
+            )
+            for channel, model in _MODELS.items()
+        }
+        self._received = _ByChannel(metrics.ingest_received)
+        """Counted on the network thread; ``_ingested`` on the worker."""
+        self._ingested = _ByChannel(metrics.ingested)
         self._next_cleanup: datetime | None = None
         """Clock time of the next results cleanup; None: at the worker's start."""
         self._queues = _IngestQueues(
@@ -295,22 +347,17 @@ class Bridge:
                 self._reject(channel_label, "invalid_topic", str(exc), message.topic)
                 return
             channel_label = parsed.channel.value
-            model = _MODELS.get(parsed.channel)
-            if model is None:
+            inbound = self._inbound.get(parsed.channel)
+            if inbound is None:
                 self._reject(channel_label, "unexpected_channel", "", message.topic)
                 return
-            if not message.payload and parsed.channel.spec.retain:
+            if not message.payload and inbound.retained:
                 # A zero-length retained message is how a retained message is deleted; live
                 # subscribers get it too (with the retain flag off).
                 self._metrics.ignored.labels(channel_label, "cleared").inc()
                 return
             try:
-                limit = (
-                    self._settings.max_result_payload_bytes
-                    if parsed.channel is DeviceChannel.RESULTS
-                    else self._settings.max_payload_bytes
-                )
-                decoded = decode(message.payload, model, max_bytes=limit)
+                decoded = decode(message.payload, inbound.model, max_bytes=inbound.max_bytes)
             except DecodeError as exc:
                 self._reject(channel_label, exc.reason, str(exc), message.topic)
                 return
@@ -323,11 +370,11 @@ class Bridge:
                 )
                 return
             accepted = _Accepted(parsed.channel, decoded, message.topic, self._clock())
-            control = parsed.channel in _CONTROL
+            control = inbound.control
             with self._idle:
                 self._pending += 1
             if self._queues.put(accepted, control=control):
-                self._metrics.ingest_received.labels(channel_label).inc()
+                self._received.inc(parsed.channel)
             else:
                 self._done()
                 bound = (
@@ -486,7 +533,7 @@ class Bridge:
                     },
                 )
                 continue
-            self._metrics.ingested.labels(channel.value).inc()
+            self._ingested.inc(channel)
             if done.coalesced:
                 self._metrics.ingest_coalesced.labels(channel.value).inc()
             if channel is DeviceChannel.HELLO and message.device_id not in hellos:
