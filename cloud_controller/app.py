@@ -27,6 +27,7 @@ from cloud_controller import (
     fleet,
     fleet_api,
     health_api,
+    heap,
     models_api,
     policies_api,
     queries,
@@ -150,7 +151,8 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
                 extra={"mqtt": f"{settings.mqtt_host}:{settings.mqtt_port}"},
             )
             try:
-                yield
+                with heap.long_lived_frozen():
+                    yield
             finally:
                 rollouts.stop()
                 pool_client.stop()
