@@ -26,6 +26,7 @@ comparison.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -49,6 +50,7 @@ from cloud_controller import ingest
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import system_clock
 from cloud_controller.database import make_engine, migrate
+from cloud_controller.heap import long_lived_frozen
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.settings import CloudSettings
 from protocol.codec import decode, encode
@@ -92,6 +94,10 @@ class IntakeResult:
     process_cpu_s: float
     batches: int
     batched: int
+    gc_s: float
+    """Wall seconds spent in the garbage collector (every thread), CONNACK to applied."""
+    gc_full: int
+    """Full (generation 2) collections in that time."""
 
 
 def device_ids(devices: int) -> list[str]:
@@ -143,6 +149,26 @@ def _native_id(name: str) -> int | None:
     return None
 
 
+class _GcTimer:
+    """Time spent in garbage collections while it is open (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._began = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._began
+        self.full += info["generation"] == 2
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def _count(registry: Any, name: str) -> int:
     total = 0.0
     for metric in registry.collect():
@@ -192,6 +218,24 @@ def _controller_child(
         pipe.send("ready")
         if pipe.recv() != "go":
             return
+        with long_lived_frozen():  # as the controller's app does once it has started
+            result = _drain(bridge, metrics, connected, messages, timeout_s)
+        engine.dispose()
+        pipe.send(result)
+    except Exception as exc:  # reported to the parent, which raises it as a bench error
+        pipe.send(f"controller failed: {exc!r}")
+
+
+def _drain(
+    bridge: Bridge,
+    metrics: ControllerMetrics,
+    connected: list[float],
+    messages: int,
+    timeout_s: float,
+) -> IntakeResult:
+    """Start the bridge, wait until every message is queued and then applied, stop it."""
+    collector = _GcTimer()
+    try:
         cpu0 = time.process_time()
         bridge.start()
         network = _native_id(f"mqtt-{CLIENT_ID}")
@@ -221,14 +265,15 @@ def _controller_child(
             network_cpu_s=net1 - net0,
             worker_cpu_s=_thread_cpu_s(worker) - work0,
             process_cpu_s=time.process_time() - cpu0,
+            gc_s=collector.seconds,
+            gc_full=collector.full,
             batches=_count(metrics.registry, "spillway_ingest_batch_messages_count"),
             batched=_count(metrics.registry, "spillway_ingest_batch_messages_sum"),
         )
+    finally:
+        collector.close()
         bridge.stop()
-        engine.dispose()
-        pipe.send(result)
-    except Exception as exc:  # reported to the parent, which raises it as a bench error
-        pipe.send(f"controller failed: {exc!r}")
+    return result
 
 
 def _prime_session(broker: MosquittoBroker, root: str) -> None:
@@ -367,6 +412,8 @@ def _fill(report: BenchReport, result: IntakeResult, *, decode_us: float, publis
             {"measure": "network thread CPU us/msg", "value": result.network_cpu_s / n * 1e6},
             {"measure": "ingest worker CPU us/msg", "value": result.worker_cpu_s / n * 1e6},
             {"measure": "whole process CPU us/msg", "value": result.process_cpu_s / n * 1e6},
+            {"measure": "garbage collection us/msg", "value": result.gc_s / n * 1e6},
+            {"measure": "full garbage collections", "value": result.gc_full},
             {
                 "measure": "messages per transaction, mean",
                 "value": result.batched / result.batches if result.batches else float("nan"),
