@@ -47,6 +47,7 @@ from paho.mqtt.properties import Properties
 from sqlmodel import Session
 
 from cloud_controller import ingest
+from cloud_controller.app import create_app
 from cloud_controller.bridge import Bridge
 from cloud_controller.clock import system_clock
 from cloud_controller.database import make_engine, migrate
@@ -211,6 +212,9 @@ def _controller_child(
         with Session(engine) as session:
             ingest.apply_batch(session, hellos, keep=settings.telemetry_history)
             session.commit()
+        # The REST app (built, not served) makes the heap the garbage collector walks as
+        # large as a controller process's.
+        app = create_app(settings)
         metrics = ControllerMetrics()
         bridge = Bridge(settings=settings, engine=engine, metrics=metrics, clock=system_clock)
         connected: list[float] = []
@@ -221,6 +225,7 @@ def _controller_child(
         with long_lived_frozen():  # as the controller's app does once it has started
             result = _drain(bridge, metrics, connected, messages, timeout_s)
         engine.dispose()
+        del app
         pipe.send(result)
     except Exception as exc:  # reported to the parent, which raises it as a bench error
         pipe.send(f"controller failed: {exc!r}")

@@ -23,7 +23,7 @@ from sim.broker import BrokerError
 from sim.demo import DemoError, DemoReport, DemoSettings, run_demo, write_report
 from sim.report import progress
 
-ALL_BENCHES = ("models", "agent", "pool", "rollout", "overflow", "fleet")
+ALL_BENCHES = ("models", "agent", "pool", "rollout", "overflow", "intake", "fleet")
 """What ``spillway bench all`` runs, in this order."""
 
 
@@ -156,7 +156,7 @@ def _bench_args(name: str, out: Path, model_dir: Path) -> list[str]:
     """Each bench's own command line: every bench writes ``<out>/<name>.json/.md/.png``
     through ``--out``; the ones that load a built model also get ``--model-dir``."""
     args = ["--out", str(out)]
-    if name not in ("pool", "fleet"):  # the pool builds its encoder itself; fleet has no model
+    if name not in ("pool", "intake", "fleet"):  # the pool builds its own encoder; no model
         args += ["--model-dir", str(model_dir)]
     if name == "models":
         args += ["--rounds", "5"]
