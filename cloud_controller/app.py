@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds an app whose lifespan creates the engine, migrates the
 schema to head, makes sure the bootstrap admin token exists (``admin_token``), starts the
-MQTT bridge and stops it again; nothing is built at import time. Domain errors become HTTP
+MQTT bridge, keeps the start-up heap out of garbage collections while serving (``heap``) and
+stops it all again; nothing is built at import time. Domain errors become HTTP
 statuses here and only here. Every request gets a request id (``request_ids``) and a body
 limit (``body_limits``); every route but health, metrics and the docs needs a token.
 """
