@@ -9,7 +9,9 @@ processes. Measured, side by side in one run:
 * **ingest** - for ``--duration`` seconds at full load: the controller's
   ``spillway_ingest_pending`` (accepted messages waiting for the database) sampled every
   second, heartbeats + telemetry applied per second (``spillway_mqtt_messages_total``) vs
-  sent per second, and the backlog's slope. Holds when the backlog does not grow.
+  sent per second, and the backlog's slope over the second half. Holds when the backlog
+  does not grow (a slope above 1 msg/s and above twice its standard error) and its
+  second-half mean stays under max(100, a tenth of a second's messages).
 * **REST under load** - a client calling ``GET /api/v1/devices?page_size=50`` back to back
   during the same seconds: p50 / p99. Target p99 < 100 ms.
 * **convergence** - for 10 / 100 / N agents: ``PUT /api/v1/devices/{id}/desired`` to each
@@ -72,10 +74,28 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def backlog_slope(times_s: list[float], pending: list[float]) -> float:
     """Least-squares slope of the backlog, messages per second (pure)."""
+    return backlog_trend(times_s, pending)[0]
+
+
+def backlog_trend(times_s: list[float], pending: list[float]) -> tuple[float, float]:
+    """(slope, its standard error), messages per second (pure). The error is 0 with fewer
+    than three samples."""
     if len(times_s) < 2:
-        return 0.0
-    slope, _ = np.polyfit(np.asarray(times_s), np.asarray(pending), 1)
-    return float(slope)
+        return 0.0, 0.0
+    t, y = np.asarray(times_s, dtype=float), np.asarray(pending, dtype=float)
+    slope, intercept = np.polyfit(t, y, 1)
+    if len(t) < 3:
+        return float(slope), 0.0
+    residuals = y - (slope * t + intercept)
+    spread = float(np.sum((t - t.mean()) ** 2))
+    error = float(np.sqrt(np.sum(residuals**2) / (len(t) - 2) / spread)) if spread else 0.0
+    return float(slope), error
+
+
+def backlog_grows(slope: float, error: float) -> bool:
+    """Growing: a slope above 1 message/s that is also more than twice its standard error
+    (a backlog that only wobbles around a level is not growing)."""
+    return slope > max(1.0, 2.0 * error)
 
 
 def _received(metrics: dict[str, float]) -> float:
@@ -355,12 +375,16 @@ def _fill(
     batches = samples[-1]["batches"] if samples else 0.0
     mean_batch = samples[-1]["batched"] / batches if batches else float("nan")
     half = len(samples) // 2
-    slope = backlog_slope(times[half:], pending[half:])
+    slope, slope_error = backlog_trend(times[half:], pending[half:])
     p50 = statistics.median(latencies) if latencies else float("nan")
     p99 = float(np.percentile(latencies, 99)) if latencies else float("nan")
     # One sample catches the backlog at any point of a batch: judge the 2nd half's mean.
     settled = statistics.fmean(pending[half:]) if pending[half:] else float("nan")
-    holds = bool(samples) and slope <= 1.0 and settled <= max(100.0, 0.1 * sent_rate)
+    holds = (
+        bool(samples)
+        and not backlog_grows(slope, slope_error)
+        and settled <= max(100.0, 0.1 * sent_rate)
+    )
     report.table(
         f"Load: {options.agents} simulated agents at 1 Hz heartbeat + telemetry for "
         f"{span:.0f} s ({database}, {options.workers} simulator processes)",
@@ -376,6 +400,7 @@ def _fill(
             {"measure": "ingest pending, last", "value": pending[-1] if pending else float("nan")},
             {"measure": "ingest pending, 2nd-half mean", "value": settled},
             {"measure": "backlog slope, 2nd half (msgs/s)", "value": slope},
+            {"measure": "  its standard error (msgs/s)", "value": slope_error},
             {"measure": "backlog does not grow", "value": holds},
             {"measure": "GET /api/v1/devices?page_size=50: requests", "value": len(latencies)},
             {"measure": "  p50 ms", "value": p50},

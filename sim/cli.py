@@ -177,6 +177,19 @@ def bench_all(
         typer.echo(f"spillway bench all: unknown bench {unknown}; known: {ALL_BENCHES}", err=True)
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
+    if not (model_dir / "int8-onnx" / "manifest.json").is_file():  # built once, then cached
+        typer.echo(f"building the model variants into {model_dir} (log {out / 'build.log'})")
+        with (out / "build.log").open("wb") as f:
+            built = subprocess.call(
+                [sys.executable, "-m", "spillway", "models", "build", "--out", str(model_dir)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        if built != 0:
+            typer.echo(
+                f"spillway bench all: model build failed (see {out / 'build.log'})", err=True
+            )
+            raise typer.Exit(1)
     sections = ["# Spillway benchmarks (spillway bench all)", ""]
     failed: list[str] = []
     with progress(len(names), "bench all") as step:

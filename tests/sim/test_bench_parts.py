@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sim.bench_fleet import backlog_slope, parse_metrics
+from sim.bench_fleet import backlog_grows, backlog_slope, backlog_trend, parse_metrics
 from sim.bench_overflow import Served, summarize
 
 
@@ -51,3 +51,12 @@ def test_backlog_slope() -> None:
     assert backlog_slope([0, 1, 2, 3], [0, 10, 20, 30]) == pytest.approx(10.0)
     assert backlog_slope([0, 1, 2, 3], [5, 5, 5, 5]) == pytest.approx(0.0, abs=1e-9)
     assert backlog_slope([0], [3]) == 0.0
+
+
+def test_a_backlog_grows_only_with_a_clear_upward_trend() -> None:
+    steady_rise = backlog_trend([0, 1, 2, 3, 4, 5], [0, 5, 10, 15, 20, 25])
+    assert steady_rise[0] == pytest.approx(5.0) and steady_rise[1] == pytest.approx(0.0)
+    assert backlog_grows(*steady_rise)
+    wobble = backlog_trend([0, 1, 2, 3, 4, 5], [20, 80, 10, 90, 30, 95])
+    assert wobble[0] > 1.0 and not backlog_grows(*wobble)  # noise, not a trend
+    assert not backlog_grows(*backlog_trend([0, 1, 2, 3], [40, 40, 40, 40]))
