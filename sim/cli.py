@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from models.build import VARIANTS
 from sim.bench_agent import bench_agent
 from sim.bench_fleet import bench_fleet
 from sim.bench_intake import bench_intake
@@ -177,7 +178,7 @@ def bench_all(
         typer.echo(f"spillway bench all: unknown bench {unknown}; known: {ALL_BENCHES}", err=True)
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
-    if not (model_dir / "int8-onnx" / "manifest.json").is_file():  # built once, then cached
+    if not all((model_dir / v / "manifest.json").is_file() for v in VARIANTS):  # then cached
         typer.echo(f"building the model variants into {model_dir} (log {out / 'build.log'})")
         with (out / "build.log").open("wb") as f:
             built = subprocess.call(
