@@ -13,12 +13,8 @@ every paho result code into either success or an exception. Callers never see pa
 A QoS 1 publish made while disconnected is kept by paho and sent after reconnecting,
 so it succeeds here (it is not dropped); a QoS 0 publish made then raises.
 
-The receive path is built for a controller that takes thousands of small messages a
-second on one connection: paho reads each packet in three ``recv`` calls and one
-``select``, so its socket is wrapped in ``_BufferedSocket`` (up to 64 KiB per system call,
-``pending()`` so paho's loop does not wait in ``select`` while whole packets are
-buffered), and a message is routed to its handlers by ``topic_filters.Routes`` (filters
-split once, matches cached per topic) instead of a paho matcher built per subscription.
+A message is routed to its handlers by ``topic_filters.Routes`` (filters split once,
+matches cached per topic) instead of a paho matcher built per subscription.
 """
 
 from __future__ import annotations
@@ -136,74 +132,12 @@ def backoff_delays(initial_s: float, max_s: float, rng: random.Random) -> Callab
     return delay
 
 
-RECV_BYTES = 64 * 1024
-"""Most bytes one ``recv`` system call of the adapter asks for."""
-BUFFERED_PACKETS = 100
-"""Most buffered packets handled between two turns of paho's loop (writes, keepalive)."""
-
-
-class _BufferedSocket:
-    """paho's socket, read in large chunks.
-
-    paho asks for a packet's first byte, then its length bytes, then its body, each with
-    its own ``recv``; under a stream of small messages that is three system calls (and a
-    ``select``) per message. This reads up to ``RECV_BYTES`` at once and answers paho's
-    small reads from the buffer. paho's loop skips waiting in ``select`` while ``pending()``
-    (meant for TLS sockets, which buffer too) says bytes are buffered. Everything but
-    reading is the wrapped socket's (a plain or TLS socket).
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buffer = b""
-        self._pos = 0
-        self.reads = 0
-        """``recv`` calls made on the wrapped socket."""
-
-    def recv(self, bufsize: int) -> bytes:
-        if self._pos >= len(self._buffer):
-            self.reads += 1
-            data: bytes = self._sock.recv(max(bufsize, RECV_BYTES))
-            if len(data) <= bufsize:
-                return data  # all of it (or b"": the peer closed)
-            self._buffer, self._pos = data, 0
-        start = self._pos
-        self._pos = min(start + bufsize, len(self._buffer))
-        return self._buffer[start : self._pos]
-
-    def pending(self) -> int:
-        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
-        return len(self._buffer) - self._pos + int(inner)
-
-    def send(self, data: bytes) -> int:
-        return int(self._sock.send(data))
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def fileno(self) -> int:
-        return int(self._sock.fileno())
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-class _PahoClient(paho.Client):
-    """paho's client with its socket read through ``_BufferedSocket``."""
-
-    def _create_socket(self) -> Any:
-        return _BufferedSocket(super()._create_socket())
-
-
 class MqttClient:
     """A paho client with its own network thread. Safe to call from any thread."""
 
     def __init__(self, settings: MqttSettings, *, will: Will | None = None) -> None:
         self._settings = settings
-        self._client = _PahoClient(
+        self._client = paho.Client(
             paho.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=paho.MQTTv5,
@@ -381,8 +315,6 @@ class MqttClient:
             rc = paho.MQTT_ERR_SUCCESS
             while rc == paho.MQTT_ERR_SUCCESS and not self._stopping.is_set():
                 rc = self._client.loop(timeout=0.2)
-                if rc == paho.MQTT_ERR_SUCCESS:
-                    rc = self._read_buffered()
             self._connected.clear()
             if self._stopping.is_set():
                 break
@@ -396,21 +328,6 @@ class MqttClient:
         for _ in range(10):
             if self._client.loop(timeout=0.05) != paho.MQTT_ERR_SUCCESS:
                 break
-
-    def _read_buffered(self) -> paho.MQTTErrorCode:
-        """Handle up to ``BUFFERED_PACKETS`` more packets that are already buffered: paho's
-        ``loop`` handles one packet per call, with a ``select`` and its housekeeping."""
-        sock = self._client.socket()
-        rc = paho.MQTT_ERR_SUCCESS
-        if not isinstance(sock, _BufferedSocket):
-            return rc
-        for _ in range(BUFFERED_PACKETS):
-            if sock.pending() <= 0:
-                break
-            rc = self._client.loop_read()
-            if rc != paho.MQTT_ERR_SUCCESS:
-                break
-        return rc
 
     def _on_connect(
         self,
