@@ -2,8 +2,7 @@
 
 ``create_app(settings)`` builds an app whose lifespan creates the engine, migrates the
 schema to head, makes sure the bootstrap admin token exists (``admin_token``), starts the
-MQTT bridge, keeps the start-up heap out of garbage collections while serving (``heap``) and
-stops it all again; nothing is built at import time. Domain errors become HTTP
+MQTT bridge and stops it all again; nothing is built at import time. Domain errors become HTTP
 statuses here and only here. Every request gets a request id (``request_ids``) and a body
 limit (``body_limits``); every route but health, metrics and the docs needs a token.
 """
@@ -28,7 +27,6 @@ from cloud_controller import (
     fleet,
     fleet_api,
     health_api,
-    heap,
     models_api,
     policies_api,
     queries,
@@ -152,8 +150,7 @@ def create_app(settings: CloudSettings, *, clock: Clock = system_clock) -> FastA
                 extra={"mqtt": f"{settings.mqtt_host}:{settings.mqtt_port}"},
             )
             try:
-                with heap.long_lived_frozen():
-                    yield
+                yield
             finally:
                 rollouts.stop()
                 pool_client.stop()

@@ -140,15 +140,20 @@ def serve(
     import uvicorn
 
     from cloud_controller.app import create_app
+    from cloud_controller.heap import long_lived_frozen
     from cloud_controller.request_ids import install_log_field
 
     install_log_field()
-    uvicorn.run(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        log_config=None,  # keep the JSON logs configured above
-    )
+    app = create_app(settings)
+    # The process is the controller's alone, so its start-up heap (modules, the app, its
+    # routes and schemas) can leave the collector's full passes for as long as it serves.
+    with long_lived_frozen():
+        uvicorn.run(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,  # keep the JSON logs configured above
+        )
 
 
 @controller_app.command()

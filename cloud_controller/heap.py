@@ -9,6 +9,10 @@ alive: the app, its routes and schemas, SQLAlchemy's metadata, the imported modu
 (``gc.freeze``) for as long as the controller serves, so collections walk only what was
 made since; objects that are garbage at that moment stay until the block ends (a one-off,
 bounded amount), and reference counting frees everything else as always.
+
+Freezing is a change to the whole interpreter, so only the owner of the process does it:
+``spillway controller serve`` around uvicorn (and the intake benchmark's controller
+process), never the app's lifespan, which tests start many times in one process.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ every paho result code into either success or an exception. Callers never see pa
 A QoS 1 publish made while disconnected is kept by paho and sent after reconnecting,
 so it succeeds here (it is not dropped); a QoS 0 publish made then raises.
 
+The network thread waits on the socket with ``mqtt_loop.SocketLoop`` (epoll), not paho's
+``select``-based ``loop()``, so file descriptors above 1023 work.
+
 A message is routed to its handlers by ``topic_filters.Routes`` (filters split once,
 matches cached per topic) instead of a paho matcher built per subscription.
 """
@@ -32,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from protocol.mqtt_loop import SocketLoop
 from protocol.topic_filters import Routes
 from protocol.topics import QoS
 
@@ -159,6 +163,7 @@ class MqttClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._loop = SocketLoop(self._client)
         self._lock = threading.Lock()
         self._routes: Routes[tuple[Handler, QoS]] = Routes()
         """Filter -> (handler, QoS), in subscription order."""
@@ -196,7 +201,11 @@ class MqttClient:
         self._client.disconnect()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                logger.warning("network thread of %s did not stop", self._settings.client_id)
+                return  # it still uses the loop's sockets
             self._thread = None
+        self._loop.close()
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
@@ -314,7 +323,7 @@ class MqttClient:
             connects_before = self.connects
             rc = paho.MQTT_ERR_SUCCESS
             while rc == paho.MQTT_ERR_SUCCESS and not self._stopping.is_set():
-                rc = self._client.loop(timeout=0.2)
+                rc = self._loop.run_once(0.2)
             self._connected.clear()
             if self._stopping.is_set():
                 break
@@ -326,7 +335,7 @@ class MqttClient:
             self._stopping.wait(delay)
         # Flush a final DISCONNECT if one was queued by stop().
         for _ in range(10):
-            if self._client.loop(timeout=0.05) != paho.MQTT_ERR_SUCCESS:
+            if self._loop.run_once(0.05) != paho.MQTT_ERR_SUCCESS:
                 break
 
     def _on_connect(

@@ -22,6 +22,7 @@ from protocol.transfer import (
     ChunkResponse,
     ChunkStatus,
     TransferDone,
+    TransferListening,
     decode_transfer_message,
     encode_chunk,
 )
@@ -97,6 +98,8 @@ class ChunkResponder:
             with self._lock:
                 self.done.append(message.artifact_sha256)
             return
+        if isinstance(message, TransferListening):
+            return  # a listener announcement: the controller's broadcast bookkeeping
         request = message
         assert msg.response_topic is not None
         with self._lock:

@@ -120,7 +120,9 @@ def test_download_resumes_from_the_verified_offset(
     path = puller.fetch(digest, len(data), progress=lambda d, t: seen.append((d, t)))
     assert path.read_bytes() == data
     offsets = {a.offset for a in responder.requests(digest)}
-    assert min(offsets) == verified, "resumed from the verified offset, not from zero"
+    # A chunk asked for before the cancel may still arrive and be taken, so the first new
+    # request can lie past the verified offset, never before it.
+    assert offsets and min(offsets) >= verified, "resumed from the verified offset"
     assert seen[-1] == (len(data), len(data))
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 

@@ -98,14 +98,16 @@ def test_cli_starts_shows_pauses_resumes_and_aborts(
         listed = runner.invoke(rollout_app, ["status"])
         assert MODEL in listed.output and "paused" in listed.output
 
+        def device_state() -> str:
+            rollout = httpx.get(f"{url}/api/v1/rollouts/1", headers=ADMIN).json()
+            return str(rollout["devices"][0]["state"])
+
         assert "running" in runner.invoke(rollout_app, ["resume", "1"]).output
+        # the engine assigns the canary on its next pass; abort only once it has (an abort
+        # before that leaves nothing to roll back)
+        assert wait_for(lambda: device_state() == "installing")
         assert "rolling_back" in runner.invoke(rollout_app, ["abort", "1"]).output
-        assert wait_for(
-            lambda: (
-                httpx.get(f"{url}/api/v1/rollouts/1", headers=ADMIN).json()["devices"][0]["state"]
-                == "rolling_back"
-            )
-        )
+        assert wait_for(lambda: device_state() == "rolling_back")
         clock.advance(700)  # the simulated device never confirms: the rollback times out
         watched = runner.invoke(rollout_app, ["status", "1", "--watch", "--every-s", "0.2"])
         assert watched.exit_code == 0 and "aborted" in watched.output

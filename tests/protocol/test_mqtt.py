@@ -221,3 +221,29 @@ def test_a_backlog_arrives_whole_and_in_order(broker: MosquittoBroker) -> None:
         second.stop()
     assert got == [b"probe", *(str(i).encode() for i in range(3000)), b"last"]
     assert not stray
+
+
+def test_works_when_its_socket_is_numbered_above_1023(
+    clients: Callable[..., MqttClient],
+) -> None:
+    """select() cannot watch such a socket; a busy controller (or a long test run) has them."""
+    import os
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"open-file limit {soft} is below 1200")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        high = clients("high-fd")
+        sock = high._client.socket()
+        assert sock is not None and sock.fileno() > 1023
+        got: list[InboundMessage] = []
+        high.subscribe("fd/echo", got.append, qos=QoS.AT_LEAST_ONCE)
+        time.sleep(0.2)
+        clients("low-fd-sender").publish("fd/echo", b"x", qos=QoS.AT_LEAST_ONCE, wait_s=5)
+        high.publish("fd/echo", b"y", qos=QoS.AT_LEAST_ONCE, wait_s=5)
+        assert wait_for(lambda: len(got) == 2)
+    finally:
+        for fd in held:
+            os.close(fd)
