@@ -2,16 +2,17 @@
 
 The decisions are pure and tested with numpy alone: ``collate`` joins requests into one
 batch, ``split`` hands each request its rows back after checking the sizes add up,
-``select`` picks what goes into the next batch (priority, then arrival; expired requests
-out), and ``AdaptiveLimit`` grows or shrinks the batch size from measured latency and
-host load. ``DynamicBatcher`` is the thin asyncio scheduler around them; time comes
-from an injected clock, the model from a ``run_batch`` callable.
+``select`` picks what goes into the next batch (priority, then arrival; requests past
+their deadline, or past it by the batch's predicted end, out), and ``AdaptiveLimit`` grows
+or shrinks the batch size from measured latency and host load. ``DynamicBatcher`` is the
+thin asyncio scheduler around them; time comes from an injected clock, the model from a
+``run_batch`` callable.
 
 Errors a caller gets for one request (all permanent for that request)::
 
     BatchingError
     ├── Overloaded        the queue is full: rejected at once (HTTP 429), never queued
-    ├── DeadlineExceeded  the deadline passed before the request was computed
+    ├── DeadlineExceeded  the deadline passed (or would, before its batch finished)
     └── BatchShapeError   the model returned a different number of rows than it was given
 """
 
@@ -103,13 +104,19 @@ class Selection(Generic[T]):
     rest: list[Pending[T]]
 
 
-def select(queue: Sequence[Pending[T]], *, max_items: int, now: float) -> Selection[T]:
+def select(
+    queue: Sequence[Pending[T]], *, max_items: int, now: float, finish_s: float = 0.0
+) -> Selection[T]:
     """Choose the next batch: drop expired requests, then take by (priority, arrival).
 
-    A request is never split across batches; one larger than ``max_items`` runs alone.
+    A request counts as expired when its deadline falls before ``now + finish_s``, the time
+    the batch is predicted to take: computing it would only produce a late answer (and
+    delay everyone behind it). A request is never split across batches; one larger than
+    ``max_items`` runs alone.
     """
-    expired = [p for p in queue if p.deadline is not None and p.deadline <= now]
-    live = sorted(p for p in queue if p.deadline is None or p.deadline > now)
+    due = now + max(0.0, finish_s)
+    expired = [p for p in queue if p.deadline is not None and p.deadline <= due]
+    live = sorted(p for p in queue if p.deadline is None or p.deadline > due)
     batch: list[Pending[T]] = []
     rest: list[Pending[T]] = []
     used = 0
@@ -169,6 +176,9 @@ class AdaptiveLimit:
 
 RunBatch = Callable[[list[T]], npt.NDArray[np.float32]]
 
+_BATCH_TIME_WEIGHT = 0.3
+"""Weight of the newest batch in the predicted batch time (follows load within a few)."""
+
 
 @dataclass(frozen=True)
 class BatcherSettings:
@@ -223,6 +233,9 @@ class DynamicBatcher(Generic[T]):
             latency_budget_ms=settings.latency_budget_ms,
         )
         self.batches_run = 0
+        self.batch_s = 0.0
+        """Moving average of a batch's model time: how long the next one is predicted to
+        take (0 until one has run), so requests it could only answer late are dropped."""
         self.expired = 0
         self.rejected = 0
 
@@ -300,10 +313,19 @@ class DynamicBatcher(Generic[T]):
     async def _run_one(self) -> None:
         now = self._clock.monotonic()
         chosen = select(
-            [e.pending for e in self._entries.values()], max_items=self.limit.limit, now=now
+            [e.pending for e in self._entries.values()],
+            max_items=self.limit.limit,
+            now=now,
+            finish_s=self.batch_s,
         )
         for p in chosen.expired:
-            self._finish(p).set_exception(DeadlineExceeded("deadline passed while queued"))
+            assert p.deadline is not None
+            why = (
+                "deadline passed while queued"
+                if p.deadline <= now
+                else f"would finish after its deadline (batches take ~{self.batch_s * 1e3:.0f} ms)"
+            )
+            self._finish(p).set_exception(DeadlineExceeded(why))
             self.expired += 1
         if not chosen.batch:
             return
@@ -326,6 +348,8 @@ class DynamicBatcher(Generic[T]):
             return
         latency_ms = (self._clock.monotonic() - started) * 1000
         self.batches_run += 1
+        weight = 1.0 if self.batches_run == 1 else _BATCH_TIME_WEIGHT
+        self.batch_s += weight * (latency_ms / 1000 - self.batch_s)
         self.limit.observe(
             batch_items=len(items),
             latency_ms=latency_ms,

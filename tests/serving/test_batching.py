@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -47,6 +48,14 @@ def test_select_orders_by_priority_then_arrival_and_drops_expired() -> None:
     assert [p.seq for p in chosen.expired] == [2]
     assert [p.seq for p in chosen.batch] == [1, 0, 4]  # 3 would overflow 5 items
     assert [p.seq for p in chosen.rest] == [3]
+
+
+def test_select_drops_what_would_finish_after_its_deadline() -> None:
+    queue = [_p(0, 1, deadline=10.05), _p(1, 1, deadline=10.5), _p(2, 1)]
+    chosen = select(queue, max_items=8, now=10.0, finish_s=0.1)
+    assert [p.seq for p in chosen.expired] == [0]
+    assert [p.seq for p in chosen.batch] == [1, 2]
+    assert [p.seq for p in select(queue, max_items=8, now=10.0).expired] == []
 
 
 def test_select_runs_an_oversized_request_alone() -> None:
@@ -153,6 +162,29 @@ def test_expired_requests_are_answered_not_computed() -> None:
         with pytest.raises(DeadlineExceeded, match="on arrival"):
             await batcher.submit(["past"], deadline=loop.time() - 1)
         assert model.batches == [1]  # "late" and "past" never reached the model
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_its_batch_would_answer_late_is_not_computed() -> None:
+    class Slow(_Model):
+        def __call__(self, texts: list[str]) -> np.ndarray:
+            time.sleep(0.2)
+            return super().__call__(texts)
+
+    async def scenario() -> None:
+        model = Slow()
+        batcher = DynamicBatcher(model, BatcherSettings(max_batch_size=4, max_queue_delay_ms=1))
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        await batcher.submit(["first"])  # a batch takes ~0.2 s
+        assert 0.15 < batcher.batch_s < 1.0
+        with pytest.raises(DeadlineExceeded, match="would finish after its deadline"):
+            await batcher.submit(["tight"], deadline=loop.time() + 0.05)
+        await batcher.submit(["roomy"], deadline=loop.time() + 5)
+        assert model.batches == [1, 1]  # "tight" never reached the model
+        assert batcher.expired == 1
         await batcher.stop()
 
     asyncio.run(scenario())
