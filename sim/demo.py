@@ -17,9 +17,9 @@
    then the rest, each wave gated on errors, latency, offload and quality (a share of
    requests probed against the pool's FP32). Light traffic runs meanwhile, so the gates
    have something to read.
-7. **traffic** - a seeded trace (``sim.traces.bursts``): steady Poisson, then a burst at a
-   multiple of the edge capacity (measured just before by a short closed-loop probe through
-   the agents' HTTP, so the host's real speed sizes it), then steady again, replayed
+7. **traffic** - a seeded trace (``sim.traces.bursts``): steady Poisson, then a burst of
+   the edge's capacity plus most of the pool's (both measured just before by short
+   closed-loop probes, so the host's real speed sizes it), then steady again, replayed
    open loop against the agents' ``POST /v1/embed``; the overflow policy sends what the
    edge cannot serve in time to the pool.
 8. **summary** - per device and fleet numbers as the clients saw them, the rollout's
@@ -53,6 +53,7 @@ from sim.demo_traffic import (
     TEXTS_PER_REQUEST,
     Served,
     edge_capacity,
+    pool_capacity,
     replay,
     summarize,
     within,
@@ -94,11 +95,16 @@ class DemoSettings:
     wave_interval_s: float = 3.0
     """Observation time of a rollout wave before its gates are evaluated."""
     quality_sample_share: float = 0.5
-    burst_factor: float = 3.0
-    """Burst rate as a multiple of the fleet's edge capacity (``capacity_probe_s``)."""
+    burst_pool_share: float = 0.8
+    """The burst is the edge's capacity plus this share of the cloud pool's (both measured
+    just before by ``capacity_probe_s`` probes): more than the edge serves alone, no more than
+    edge and cloud serve together, so overflow is what keeps it within its deadline."""
+    min_burst_factor: float = 1.5
+    """...but at least this multiple of the edge capacity, so the burst always overflows (on
+    a host whose pool is small next to its edge, some of it then misses its deadline)."""
     capacity_probe_s: float = 2.0
-    """Length of the closed-loop probe (4 clients per agent, through their HTTP ingress)
-    that measures what the edge serves on this host just before the traffic."""
+    """Length of each closed-loop probe: 4 clients per agent through their HTTP ingress (the
+    edge), then 4 clients through the controller's ``POST /api/v1/embed`` (the pool)."""
     base_factor: float = 0.4
     """Steady rate as a multiple of the fleet's measured edge capacity."""
     edge_slo_ms: float = 1000.0
@@ -721,17 +727,23 @@ class _Demo:
     # 7
     def traffic(self) -> list[Served]:
         t0 = time.monotonic()
-        capacity = edge_capacity(self.targets, seconds=self.settings.capacity_probe_s)
+        probe_s = self.settings.capacity_probe_s
+        capacity = edge_capacity(self.targets, seconds=probe_s)
         if capacity <= 0:
             raise DemoError(
                 "traffic: the edge answered nothing in the capacity probe "
                 f"(see {self.work / 'logs'})"
             )
+        cloud = pool_capacity(self.url, self.admin_token, seconds=probe_s)
         d = self.settings.duration_s
         burst_s = max(3.0, 0.3 * d)
         first_burst_s = 0.4 * d
         base = max(1.0, self.settings.base_factor * capacity)
-        burst = max(base * 2, self.settings.burst_factor * capacity)
+        burst = max(
+            base * 2,
+            capacity + self.settings.burst_pool_share * cloud,
+            self.settings.min_burst_factor * capacity,
+        )
         trace = bursts(
             base_rate_per_s=base,
             burst_rate_per_s=burst,
@@ -744,10 +756,9 @@ class _Demo:
         )
         self.say(
             f"traffic     {d:.0f}s: steady {base:.0f} req/s (Poisson), burst {burst:.0f} req/s "
-            f"from t={first_burst_s:.0f}s for {burst_s:.0f}s ({self.settings.burst_factor:g}x the "
-            f"edge capacity, {capacity:.0f} req/s, measured just before by a "
-            f"{self.settings.capacity_probe_s:g}s closed-loop probe through the agents' HTTP; "
-            f"{TEXTS_PER_REQUEST} texts a request)"
+            f"from t={first_burst_s:.0f}s for {burst_s:.0f}s ({burst / capacity:.1f}x the edge "
+            f"capacity of {capacity:.0f} req/s; the pool serves {cloud:.0f} req/s; both measured "
+            f"just before by {probe_s:g}s closed-loop probes; {TEXTS_PER_REQUEST} texts a request)"
         )
         served = replay(trace, self.targets)
         _check_children(self.children, "traffic ran")
@@ -759,6 +770,7 @@ class _Demo:
             "duration_s": d,
             "texts_per_request": TEXTS_PER_REQUEST,
             "edge_capacity_rps": round(capacity, 1),
+            "pool_capacity_rps": round(cloud, 1),
             "base_rps": round(base, 1),
             "burst_rps": round(burst, 1),
             "burst_window_s": [round(first_burst_s, 1), round(first_burst_s + burst_s, 1)],

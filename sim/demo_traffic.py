@@ -175,6 +175,38 @@ def edge_capacity(
     return asyncio.run(_probe(targets, concurrency, seconds))
 
 
+async def _probe_pool(url: str, token: str, concurrency: int, seconds: float) -> float:
+    answered = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, timeout=30.0, headers=headers) as client:
+        start = time.monotonic()
+
+        async def worker(w: int) -> None:
+            nonlocal answered
+            index = 2_000_000 + w * 100_000
+            while time.monotonic() - start < seconds:
+                try:
+                    response = await client.post(
+                        "/api/v1/embed", json={"texts": request_texts(index)}
+                    )
+                except httpx.HTTPError:
+                    continue
+                index += 1
+                if response.status_code == 200:
+                    answered += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        took = time.monotonic() - start
+    return answered / took if took > 0 else 0.0
+
+
+def pool_capacity(url: str, token: str, *, concurrency: int = 4, seconds: float = 2.0) -> float:
+    """Requests/s (of ``TEXTS_PER_REQUEST`` texts) the cloud pool answers through the
+    controller's ``POST /api/v1/embed``: ``concurrency`` closed-loop clients for
+    ``seconds``, while the edge is idle."""
+    return asyncio.run(_probe_pool(url, token, concurrency, seconds))
+
+
 def replay(
     trace: Trace,
     targets: Sequence[tuple[str, str]],

@@ -67,6 +67,9 @@ def test_demo_tells_the_whole_story(tmp_path: Path, serving_models: Path) -> Non
     assert totals["requests"] > 0 and totals["ok"] == totals["edge"] + totals["cloud"]
     assert totals["edge"] > 0, totals
     assert body["traffic"]["burst"]["cloud"] > 0, body["traffic"]  # the burst overflowed
+    traffic = body["traffic"]
+    assert traffic["pool_capacity_rps"] > 0  # the burst was sized with the pool's probe too
+    assert traffic["burst_rps"] >= 1.5 * traffic["edge_capacity_rps"] - 0.1
     for device in body["devices"]:
         assert device["traffic"]["requests"] > 0
         assert device["traffic"]["variants"] == ["int8-onnx"]
