@@ -40,12 +40,11 @@ from edge_agent.operating import (
     DesiredVerifier,
     OperatingPolicy,
     OperatingPolicyApplier,
-    batcher_settings,
-    runtime_offload,
 )
 from edge_agent.periodic import PeriodicTask
 from edge_agent.probe import HostProbe, SystemProbe, agent_version
 from edge_agent.reconcile import JsonPolicyApplier, PolicyApplier, Reconciler
+from edge_agent.runtime_policy import batcher_settings, runtime_offload
 from edge_agent.settings import EdgeSettings
 from edge_agent.state import AppliedState, StateStore
 from edge_agent.telemetry import HeartbeatSender, TelemetrySender

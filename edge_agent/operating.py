@@ -12,7 +12,7 @@ Two jobs, both between the reconcile loop and the running components:
   ``OperatingPolicy.activate`` puts the values into the running components once the
   generation is committed (and at start, from the persisted state): the batcher's and
   offload controller's values and the telemetry interval. Without a section the agent
-  runs its local ``EdgeSettings`` values (``local_policy``).
+  runs its local ``EdgeSettings`` values (``runtime_policy.local_policy``).
 
 Variant preferences travel in the document for whoever assigns variants; the agent only
 reports them. This module knows no MQTT.
@@ -28,21 +28,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edge_agent.offload import OffloadPolicy as RuntimeOffload
 from edge_agent.reconcile import JsonPolicyApplier, PolicyApplier, PolicyError
+from edge_agent.runtime_policy import local_policy
 from edge_agent.settings import EdgeSettings
 from models.signing import keyring, load_public_key
 from protocol.messages import DesiredState
 from protocol.policy import (
     POLICY_KEY,
-    BatchingPolicy,
-    OffloadPolicy,
     Policy,
     PolicySection,
-    TelemetryPolicy,
 )
 from protocol.signing import SignatureError, verify_desired
-from spillway.batching import BatcherSettings
 
 logger = logging.getLogger(__name__)
 
@@ -77,51 +73,6 @@ class DesiredVerifier:
                 f"({', '.join(map(str, self._key_files)) or 'none configured'})"
             )
         verify_desired(message, keyring(keys))
-
-
-def local_policy(settings: EdgeSettings) -> Policy:
-    """The policy the agent's own settings describe (before, or without, a pushed one)."""
-    return Policy(
-        offload=OffloadPolicy(
-            enabled=settings.offload_enabled,
-            slo_ms=settings.slo_ms,
-            enter_ratio=settings.offload_enter_ratio,
-            exit_ratio=settings.offload_exit_ratio,
-            rate_per_s=settings.offload_rate_per_s,
-            burst_requests=settings.offload_burst,
-            quality_sample_share=settings.offload_policy_fraction,
-        ),
-        batching=BatchingPolicy(
-            max_batch_size=settings.max_batch_size,
-            min_batch_size=settings.min_batch_size,
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            max_queue_items=settings.max_queue_items,
-            latency_budget_ms=settings.latency_budget_ms,
-        ),
-        telemetry=TelemetryPolicy(interval_s=settings.telemetry_interval_s),
-    )
-
-
-def batcher_settings(policy: BatchingPolicy) -> BatcherSettings:
-    return BatcherSettings(
-        max_batch_size=policy.max_batch_size,
-        min_batch_size=policy.min_batch_size,
-        max_queue_delay_ms=policy.max_queue_delay_ms,
-        max_queue_items=policy.max_queue_items,
-        latency_budget_ms=policy.latency_budget_ms,
-    )
-
-
-def runtime_offload(policy: OffloadPolicy) -> RuntimeOffload:
-    return RuntimeOffload(
-        enabled=policy.enabled,
-        slo_ms=policy.slo_ms,
-        enter_ratio=policy.enter_ratio,
-        exit_ratio=policy.exit_ratio,
-        rate_per_s=policy.rate_per_s,
-        burst=policy.burst_requests,
-        policy_fraction=policy.quality_sample_share,
-    )
 
 
 def section_of(document: Mapping[str, Any]) -> PolicySection | None:

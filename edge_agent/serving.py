@@ -45,6 +45,7 @@ from edge_agent.offload import Offload, OffloadController, OffloadPolicy
 from edge_agent.outbox import OutboxError
 from edge_agent.padding import PaddedEmbedder
 from edge_agent.results import Done, ResultWriter, Stored, answer_on
+from edge_agent.runtime_policy import batcher_settings, local_policy, runtime_offload
 from edge_agent.settings import EdgeSettings
 from protocol.inference import (
     MAX_TEXT_CHARS,
@@ -209,28 +210,6 @@ class ServiceTime:
                 self.ms_per_item += self._alpha * (sample - self.ms_per_item)
 
 
-def batcher_settings(settings: EdgeSettings) -> BatcherSettings:
-    return BatcherSettings(
-        max_batch_size=settings.max_batch_size,
-        min_batch_size=settings.min_batch_size,
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        max_queue_items=settings.max_queue_items,
-        latency_budget_ms=settings.latency_budget_ms,
-    )
-
-
-def offload_policy(settings: EdgeSettings) -> OffloadPolicy:
-    return OffloadPolicy(
-        enabled=settings.offload_enabled,
-        slo_ms=settings.slo_ms,
-        enter_ratio=settings.offload_enter_ratio,
-        exit_ratio=settings.offload_exit_ratio,
-        rate_per_s=settings.offload_rate_per_s,
-        burst=settings.offload_burst,
-        policy_fraction=settings.offload_policy_fraction,
-    )
-
-
 class ServingRuntime:
     """Routes, batches, stores and answers; ``start``/``stop``/``serve`` on one event loop."""
 
@@ -252,9 +231,10 @@ class ServingRuntime:
         self.metrics = metrics
         self._clock = clock
         self.service_time = ServiceTime()
-        self.offload = OffloadController(offload_policy(settings), now=clock.monotonic())
+        policy = local_policy(settings)
+        self.offload = OffloadController(runtime_offload(policy.offload), now=clock.monotonic())
         self._batcher: DynamicBatcher[_Text] = DynamicBatcher(
-            self._run_batch, batcher_settings(settings), clock=clock, host_load=host_load
+            self._run_batch, batcher_settings(policy.batching), clock=clock, host_load=host_load
         )
         self._cloud_timeout_s = settings.cloud_timeout_ms / 1000.0
         metrics.variant.info({"variant": model.variant, "device": model.device})

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from cloud_controller.targeting import Fleet, Target, matches, members, merge_labels
-from edge_agent.operating import local_policy
+from edge_agent.runtime_policy import local_policy
 from edge_agent.settings import EdgeSettings
 from protocol.policy import Overlay, Policy, deep_merge, defaults, effective, partial
 
