@@ -14,9 +14,11 @@ processes. Measured, side by side in one run:
   second-half mean stays under max(100, a tenth of a second's messages).
 * **REST under load** - a client calling ``GET /api/v1/devices?page_size=50`` back to back
   during the same seconds: p50 / p99. Target p99 < 100 ms.
-* **convergence** - for 10 / 100 / N agents: ``PUT /api/v1/devices/{id}/desired`` to each
-  (one call per device: a bulk rollout API is being built elsewhere), then polling the
-  device list until every one reports that generation: seconds from the first PUT.
+* **convergence** - for 10 / 100 / N agents: with the INT8 variant built (``--model-dir``),
+  a real rollout of it (``POST /api/v1/rollouts``, one wave, gates other than install off)
+  until the rollout completes, every device having reported the model active; without it,
+  ``PUT /api/v1/devices/{id}/desired`` to each device and polling until every one reports
+  that generation. Seconds from the request.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import httpx
 import numpy as np
 import typer
 
+from models.signing import load_or_create_signing_key
 from sim.broker import BrokerError, MosquittoBroker, free_port
 from sim.fleet import FleetProcesses, controller_http
 from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, new_admin_token
+from sim.registration import MINILM, register_variant
 from sim.report import BenchReport, progress
 
 REST_P99_TARGET_MS = 100.0
@@ -57,6 +61,9 @@ class FleetOptions:
     database_url: str | None = None
     startup_timeout_s: float = 180.0
     rollout_timeout_s: float = 60.0
+    model_dir: Path | None = None
+    """Built variants: with ``int8-onnx`` there, convergence is measured with real rollouts
+    (``POST /api/v1/rollouts``) of it; without, with one desired-state PUT per device."""
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -156,6 +163,8 @@ class _Controller:
         )
         self.http = controller_http(f"http://127.0.0.1:{self.port}", token=self.token)
         self.database = "PostgreSQL" if url.startswith("postgresql") else "SQLite"
+        self.signing_key = load_or_create_signing_key(work / "keys" / "signing.key")
+        """The key the controller signs with and trusts uploads from (made before it starts)."""
 
     def start(self, timeout_s: float) -> None:
         self.proc.start()
@@ -236,6 +245,52 @@ def _converge(
     return put_s, None, done
 
 
+_GATES_OFF = {
+    "max_error_rate": None,
+    "max_p95_latency_ms": None,
+    "max_offload_rate": None,
+    "min_quality_agreement": None,
+    "min_quality_agreement_floor": None,
+}
+"""Simulated agents serve nothing: only the install gate (every device active) is kept."""
+
+
+def _roll_out(
+    controller: _Controller, device_ids: list[str], version: str, timeout_s: float
+) -> tuple[float, float | None, int]:
+    """One rollout of ``version`` to ``device_ids`` in a single wave with no observation time:
+    (seconds for the POST, seconds from it until the rollout completed or None after
+    ``timeout_s``, devices active)."""
+    began = time.perf_counter()
+    response = controller.http.post(
+        "/api/v1/rollouts",
+        json={
+            "model": MINILM,
+            "version": version,
+            "target": {"device_ids": device_ids},
+            "waves": {"canary_share": 0.0, "wave_size": len(device_ids), "interval_s": 0.0},
+            "gates": _GATES_OFF,
+            "quality_sample_share": 0.0,
+        },
+    )
+    response.raise_for_status()
+    rollout_id = response.json()["id"]
+    post_s = time.perf_counter() - began
+    deadline = time.monotonic() + timeout_s
+    active = 0
+    while time.monotonic() < deadline:
+        body = controller.http.get(f"/api/v1/rollouts/{rollout_id}").json()
+        active = sum(d["state"] == "active" for d in body["devices"])
+        if body["state"] == "completed":
+            return post_s, time.perf_counter() - began, active
+        if body["state"] in ("aborted", "rolled_back", "failed"):
+            raise FleetBenchError(
+                f"rollout {rollout_id} ended {body['state']}: {body.get('reason')}"
+            )
+        time.sleep(0.2)
+    return post_s, None, active
+
+
 def run_fleet_bench(
     options: FleetOptions, *, step: Callable[[str], None] | None = None
 ) -> BenchReport:
@@ -250,6 +305,10 @@ def run_fleet_bench(
         fleet: FleetProcesses | None = None
         try:
             controller.start(options.startup_timeout_s)
+            version = None
+            int8 = None if options.model_dir is None else options.model_dir / "int8-onnx"
+            if int8 is not None and (int8 / "manifest.json").is_file():
+                version = register_variant(controller.http, int8, controller.signing_key)
             notify("controller ready")
             fleet = FleetProcesses(
                 host=broker.host,
@@ -325,15 +384,20 @@ def run_fleet_bench(
             # -- convergence ---------------------------------------------------------------
             convergence: list[dict[str, Any]] = []
             for round_no, n in enumerate(sizes, start=1):
-                put_s, converged_s, done = _converge(
-                    controller, fleet.device_ids[:n], round_no, options.rollout_timeout_s
-                )
+                if version is not None:
+                    put_s, converged_s, done = _roll_out(
+                        controller, fleet.device_ids[:n], version, options.rollout_timeout_s
+                    )
+                else:
+                    put_s, converged_s, done = _converge(
+                        controller, fleet.device_ids[:n], round_no, options.rollout_timeout_s
+                    )
                 convergence.append(
                     {
                         "agents": n,
-                        "PUT all s": put_s,
+                        "request s": put_s,
                         "converged s": converged_s,
-                        "after last PUT s": None if converged_s is None else converged_s - put_s,
+                        "after the request s": None if converged_s is None else converged_s - put_s,
                         "converged": f"{done}/{n}"
                         + (
                             ""
@@ -351,7 +415,17 @@ def run_fleet_bench(
                 fleet.stop()
             controller.stop()
             broker.stop()
-    _fill(report, options, controller.database, ramp_s, samples, latencies, convergence, final)
+    if version is not None:
+        how = (
+            f"Rollout convergence: POST /api/v1/rollouts of int8-onnx {version}, one wave, no "
+            "observation time, gates other than install off (simulated agents serve nothing and "
+            "report an assigned model active at once)"
+        )
+    else:
+        how = "Desired-state convergence (one PUT per device, all PUTs timed as the request)"
+    _fill(
+        report, options, controller.database, ramp_s, samples, latencies, (how, convergence), final
+    )
     return report
 
 
@@ -362,9 +436,10 @@ def _fill(
     ramp_s: float,
     samples: list[dict[str, float]],
     latencies: list[float],
-    convergence: list[dict[str, Any]],
+    converged: tuple[str, list[dict[str, Any]]],
     final: dict[str, float],
 ) -> None:
+    how, convergence = converged
     times = [s["t_s"] for s in samples]
     pending = [s["pending"] for s in samples]
     span = times[-1] if times else 1.0
@@ -412,8 +487,8 @@ def _fill(
         ],
     )
     report.table(
-        "Desired-state convergence (one PUT per device; a bulk rollout API is separate work)",
-        ["agents", "PUT all s", "converged s", "after last PUT s", "converged"],
+        how,
+        ["agents", "request s", "converged s", "after the request s", "converged"],
         convergence,
     )
     report.ratio("REST p99 ms under load", p99, target=REST_P99_TARGET_MS, higher_is_better=False)
@@ -462,6 +537,7 @@ def _fill(
             "samples": samples,
             "rest_latencies_ms": latencies,
             "convergence": convergence,
+            "convergence_by": how,
             "fleet_totals": final,
         }
     )
@@ -478,6 +554,11 @@ def bench_fleet(
     database_url: str | None = typer.Option(
         None, "--database-url", help="Controller database (default: SQLite in the run dir)."
     ),
+    model_dir: Path = typer.Option(
+        Path("var/models"),
+        "--model-dir",
+        help="Built variants; with int8-onnx there, convergence is timed with real rollouts.",
+    ),
 ) -> None:
     """1 Hz heartbeat + telemetry from N simulated agents: ingest backlog, REST p99, rollouts."""
     options = FleetOptions(
@@ -486,6 +567,7 @@ def bench_fleet(
         duration_s=duration,
         rollout_sizes=tuple(rollout),
         database_url=database_url,
+        model_dir=model_dir,
     )
     sizes = len({min(n, agents) for n in rollout})
     try:

@@ -45,7 +45,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +54,18 @@ from rich.console import Console
 
 from edge_agent.agent import Agent
 from edge_agent.settings import EdgeSettings
-from models.manifest import Manifest, sign
 from models.signing import SigningKey, public_path, save_signing_key
 from protocol.mqtt import InboundMessage, MqttClient, MqttError, MqttSettings
 from protocol.topics import QoS
 from protocol.transfer import DEFAULT_CHUNK_BYTES
 from sim.broker import MosquittoBroker, free_port
 from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
+from sim.registration import MINILM, register_variant
 from sim.report import BenchReport, progress
 
 logger = logging.getLogger(__name__)
 
 TARGET_RATIO = 1.5
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 _SEQ = struct.Struct(">Q")
@@ -233,13 +231,6 @@ def _setter(event: threading.Event) -> Callable[[InboundMessage], None]:
     return lambda _message: event.set()
 
 
-def _resigned(variant_dir: Path, key: SigningKey) -> bytes:
-    body: dict[str, Any] = json.loads((variant_dir / "manifest.json").read_text())["manifest"]
-    now = datetime.now(UTC)
-    body.update(created_at=now.isoformat(), expires_at=(now + timedelta(days=30)).isoformat())
-    return sign(Manifest.model_validate(body), key).model_dump_json().encode()
-
-
 def _delivery(
     broker: MosquittoBroker,
     variant_dir: Path,
@@ -296,20 +287,7 @@ def _delivery(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"controller not ready: {controller.log_tail(10)}")
             time.sleep(0.2)
-        with (
-            (variant_dir / "model.onnx").open("rb") as model,
-            (variant_dir / "tokenizer.json").open("rb") as tok,
-        ):
-            response = http.post(
-                f"/api/v1/models/{MINILM}/versions",
-                files={
-                    "manifest": ("manifest.json", _resigned(variant_dir, key), "application/json"),
-                    "artifact": ("artifact", model, "application/octet-stream"),
-                    "tokenizer": ("tokenizer.json", tok, "application/json"),
-                },
-            )
-        response.raise_for_status()
-        version = response.json()["version"]
+        version = register_variant(http, variant_dir, key)
         for i in range(agents):
             agent = Agent(
                 EdgeSettings(

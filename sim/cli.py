@@ -155,9 +155,10 @@ def _summary(console: Console, result: DemoReport, *, took_s: float) -> None:
 
 def _bench_args(name: str, out: Path, model_dir: Path) -> list[str]:
     """Each bench's own command line: every bench writes ``<out>/<name>.json/.md/.png``
-    through ``--out``; the ones that load a built model also get ``--model-dir``."""
+    through ``--out``; the ones that use a built model (the fleet rolls one out) also get
+    ``--model-dir``."""
     args = ["--out", str(out)]
-    if name not in ("pool", "intake", "fleet"):  # the pool builds its own encoder; no model
+    if name not in ("pool", "intake"):  # the pool builds its own encoder; no model
         args += ["--model-dir", str(model_dir)]
     if name == "models":
         args += ["--rounds", "5"]

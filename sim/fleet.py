@@ -6,7 +6,9 @@ sees: its own MQTT connection (MQTT v5, a retained ``Presence(offline, "lost")``
 Will), ``Hello`` + retained ``Presence(online)`` after CONNACK, ``Heartbeat`` and
 ``Telemetry`` on its interval (QoS 0, ``protocol`` messages and topics), and an answer to
 every ``DesiredState`` (a ``ReportedState`` with the generation applied). It has no model:
-its telemetry numbers are synthetic, and every report calls these agents "simulated".
+an assigned one is reported ``active`` at once (``installed_at_once``: nothing to download,
+so a rollout measures the control plane alone), its telemetry numbers are synthetic, and
+every report calls these agents "simulated".
 
 ``run_worker`` drives many such agents in one process on one thread with paho's manual
 loop (``loop_read``/``loop_write``/``loop_misc`` over a selector), so a fleet of N costs
@@ -33,6 +35,7 @@ import paho.mqtt.client as paho
 
 from protocol.codec import DecodeError, decode, encode
 from protocol.messages import (
+    MODEL_POLICY_KEY,
     ApplyOutcome,
     DesiredState,
     DeviceStatus,
@@ -48,6 +51,15 @@ from sim.profiles import profile_for
 
 AGENT_VERSION = "sim-1"
 BOOT_EPOCH = 1
+
+
+def installed_at_once(policy: dict[str, Any]) -> dict[str, Any]:
+    """The document a simulated agent reports for ``policy``: applied as it stands, and an
+    assigned model (it has none to download) reported ``active`` at once."""
+    section = policy.get(MODEL_POLICY_KEY)
+    if not isinstance(section, dict) or not section.get("artifact_sha256"):
+        return policy
+    return {**policy, MODEL_POLICY_KEY: {**section, "state": "active"}}
 
 
 def controller_http(
@@ -160,7 +172,7 @@ class _SimAgent:
             device_id=self.device_id,
             observed_generation=desired.generation,
             outcome=ApplyOutcome.APPLIED,
-            policy=desired.policy,
+            policy=installed_at_once(desired.policy),
             boot_epoch=BOOT_EPOCH,
         )
         self._publish(DeviceChannel.REPORTED, encode(reported))

@@ -70,3 +70,21 @@ def test_simulated_fleet_announces_beats_and_answers_desired_state(
         watcher.stop()
     totals = fleet.totals()
     assert totals["reported"] == 1 and totals["desired_bad"] == 0
+
+
+def test_an_assigned_model_is_reported_active_and_the_rest_as_applied() -> None:
+    from protocol.messages import MODEL_POLICY_KEY
+    from sim.fleet import installed_at_once
+
+    plain = {"slo_ms": 250}
+    assert installed_at_once(plain) == plain
+    assigned = {"slo_ms": 250, MODEL_POLICY_KEY: {"artifact_sha256": "ab" * 32, "variant": "x"}}
+    reported = installed_at_once(assigned)
+    assert reported[MODEL_POLICY_KEY] == {
+        "artifact_sha256": "ab" * 32,
+        "variant": "x",
+        "state": "active",
+    }
+    assert reported["slo_ms"] == 250 and "state" not in assigned[MODEL_POLICY_KEY]
+    removed = {MODEL_POLICY_KEY: None}
+    assert installed_at_once(removed) == removed

@@ -1,0 +1,53 @@
+"""Registering a built variant with a running controller, as an operator's upload does.
+
+The benches build their controller with a fresh signing key; a variant built earlier was
+signed with the build's key, so its manifest is signed again (with new creation and expiry
+times) by the key the controller trusts before ``POST /api/v1/models/{name}/versions``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from models.manifest import Manifest, sign
+from models.signing import SigningKey
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resigned_manifest(variant_dir: Path, key: SigningKey) -> bytes:
+    """``variant_dir``'s manifest, valid for 30 days from now and signed by ``key``."""
+    body: dict[str, Any] = json.loads((variant_dir / "manifest.json").read_text())["manifest"]
+    now = datetime.now(UTC)
+    body.update(created_at=now.isoformat(), expires_at=(now + timedelta(days=30)).isoformat())
+    return sign(Manifest.model_validate(body), key).model_dump_json().encode()
+
+
+def register_variant(
+    http: httpx.Client, variant_dir: Path, key: SigningKey, *, model: str = MINILM
+) -> str:
+    """Upload an ONNX variant (model, tokenizer, manifest); returns the registered version.
+    ``httpx.HTTPStatusError`` if the controller refuses it."""
+    with (
+        (variant_dir / "model.onnx").open("rb") as artifact,
+        (variant_dir / "tokenizer.json").open("rb") as tokenizer,
+    ):
+        response = http.post(
+            f"/api/v1/models/{model}/versions",
+            files={
+                "manifest": (
+                    "manifest.json",
+                    resigned_manifest(variant_dir, key),
+                    "application/json",
+                ),
+                "artifact": ("artifact", artifact, "application/octet-stream"),
+                "tokenizer": ("tokenizer.json", tokenizer, "application/json"),
+            },
+        )
+    response.raise_for_status()
+    return str(response.json()["version"])
