@@ -59,7 +59,7 @@ from cloud_controller import desired, ingest, policies, retention
 from cloud_controller.clock import Clock
 from cloud_controller.database import one_line
 from cloud_controller.entities import DeviceDesired
-from cloud_controller.errors import DesiredNotPublished
+from cloud_controller.errors import ControllerError, DesiredNotPublished, DeviceNotFound
 from cloud_controller.gaps import GapChange, GapTracker
 from cloud_controller.metrics import ControllerMetrics
 from cloud_controller.settings import CloudSettings
@@ -687,6 +687,29 @@ class Bridge:
             "desired state set", extra={"device_id": device_id, "generation": row.generation}
         )
         return row.generation
+
+    def amend_desired_many(
+        self, device_ids: list[str], change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, int | ControllerError]:
+        """``amend_desired`` for many devices, committed in one transaction, then published
+        one by one: per device its new generation, ``DeviceNotFound`` or (stored but not
+        handed to the broker client) ``DesiredNotPublished``."""
+        out: dict[str, int | ControllerError] = {}
+        with self._desired_lock:
+            with Session(self._engine, expire_on_commit=False) as session:
+                rows, missing = desired.amend_many(session, device_ids, change, now=self._clock())
+            for device_id in missing:
+                out[device_id] = DeviceNotFound(device_id)
+            for row in rows:
+                try:
+                    self._publish_desired(row)
+                    out[row.device_id] = row.generation
+                except MqttError as exc:
+                    out[row.device_id] = DesiredNotPublished(
+                        row.device_id, row.generation, str(exc)
+                    )
+        logger.info("desired state set", extra={"devices": len(rows)})
+        return out
 
     def signer(self) -> Signer:
         """The key desired state is signed with (loaded, or generated, on first use)."""

@@ -51,6 +51,44 @@ def amend(
     return row
 
 
+def amend_many(
+    session: Session,
+    device_ids: list[str],
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    now: datetime,
+) -> tuple[list[DeviceDesired], list[str]]:
+    """``amend`` for many devices in one transaction: (the new rows, the ids of devices
+    that do not exist, which are left alone)."""
+    known = set(session.exec(select(Device.id).where(col(Device.id).in_(device_ids))).all())
+    current = {
+        row.device_id: row
+        for row in session.exec(
+            select(DeviceDesired)
+            .where(col(DeviceDesired.device_id).in_(sorted(known)))
+            .with_for_update()
+        ).all()
+    }
+    rows: list[DeviceDesired] = []
+    for device_id in device_ids:
+        if device_id not in known:
+            continue
+        row = current.get(device_id)
+        policy = change(dict(row.policy) if row is not None else {})
+        if row is None:
+            row = DeviceDesired(device_id=device_id, generation=1, policy=policy, updated_at=now)
+        else:
+            row.generation += 1
+            row.policy = policy
+            row.updated_at = now
+        session.add(row)
+        rows.append(row)
+    session.commit()
+    for row in rows:
+        session.refresh(row)
+    return rows, [d for d in device_ids if d not in known]
+
+
 def current_all(session: Session) -> list[DeviceDesired]:
     """Every device's current desired state, for republishing after a reconnect."""
     return list(session.exec(select(DeviceDesired).order_by(col(DeviceDesired.device_id))).all())

@@ -600,8 +600,14 @@ class RolloutEngine:
             wave = following
         members = [d for d in self._devices(session, rollout.id) if d.wave == wave.index]
         if wave.state == WaveState.INSTALLING:
-            for device in members:
-                self._install_step(session, rollout, device, config, now)
+            self._record_previous(session, [d for d in members if d.state == DevState.PENDING], now)
+            # The devices' changes are written once, after the assignments are sent: flushing
+            # them earlier would hold the database's write lock while the bridge commits the
+            # assignments in its own transaction (SQLite has one writer).
+            with session.no_autoflush:
+                unsent = [d for d in members if not self._install_step(session, d, config, now)]
+                self._send_assignments(session, rollout, unsent, now)
+            session.commit()  # one transaction for the wave's step, not one per device
             if all(d.state in (DevState.ACTIVE, DevState.FAILED) for d in members):
                 wave.state = WaveState.OBSERVING
                 wave.settled_at = now
@@ -706,18 +712,20 @@ class RolloutEngine:
         )
 
     def _install_step(
-        self,
-        session: Session,
-        rollout: Rollout,
-        device: RolloutDevice,
-        config: WaveConfig,
-        now: datetime,
-    ) -> None:
-        if device.state in (DevState.PENDING, DevState.ASSIGNING):
-            self._assign(session, rollout, device, now)
-            return
+        self, session: Session, device: RolloutDevice, config: WaveConfig, now: datetime
+    ) -> bool:
+        """One device's next install step; False: it still has to be sent its assignment.
+        The caller commits (after the whole wave)."""
+        if device.state == DevState.ASSIGNING:
+            # Safe to repeat: a device left ``assigning`` by a crash may have been sent it.
+            desired = session.get(DeviceDesired, device.device_id)
+            current = ((desired.policy if desired else {}) or {}).get(MODEL_POLICY_KEY) or {}
+            if desired is None or current.get("artifact_sha256") != device.artifact_sha256:
+                return False
+            self._assigned(session, device, desired.generation, now)
+            return True
         if device.state != DevState.INSTALLING or device.generation is None:
-            return
+            return True
         outcome = install_outcome(
             session.get(DeviceReported, device.device_id),
             generation=device.generation,
@@ -731,43 +739,63 @@ class RolloutEngine:
             device.state = DevState.FAILED
             device.reason = f"no install report within {config.install_timeout_s:g}s"
         else:
-            return
+            return True
         device.updated_at = now
         session.add(device)
-        session.commit()
+        return True
 
-    def _assign(
-        self, session: Session, rollout: Rollout, device: RolloutDevice, now: datetime
+    def _record_previous(
+        self, session: Session, devices: list[RolloutDevice], now: datetime
     ) -> None:
-        """Record the previous assignment, then publish the new one (safe to repeat: a
-        device left ``assigning`` by a crash is checked against its desired state)."""
-        assert device.variant is not None
-        if device.state == DevState.PENDING:
+        """Keep each device's current assignment for a rollback, committed before any of
+        them is sent the new one (one transaction for all)."""
+        if not devices:
+            return
+        for device in devices:
             desired = session.get(DeviceDesired, device.device_id)
             device.previous = _previous_of(dict(desired.policy) if desired else {})
             device.state = DevState.ASSIGNING
             device.updated_at = now
             session.add(device)
-            session.commit()
-        else:
-            desired = session.get(DeviceDesired, device.device_id)
-            section = ((desired.policy if desired else {}) or {}).get(MODEL_POLICY_KEY) or {}
-            if desired is not None and section.get("artifact_sha256") == device.artifact_sha256:
-                self._assigned(session, device, desired.generation, now)
-                return
-        section = model_section(
-            rollout.model_name,
-            rollout.version,
-            registry.resolve_variant(session, rollout.model_name, rollout.version, device.variant),
-        )
+        session.commit()
+
+    def _send_assignments(
+        self, session: Session, rollout: Rollout, devices: list[RolloutDevice], now: datetime
+    ) -> None:
+        """Send each device (previous assignment recorded) the new one: per variant, one
+        transaction for all of them in the bridge, then a signed message each."""
+        by_variant: dict[str, list[RolloutDevice]] = {}
+        for device in devices:
+            assert device.variant is not None
+            by_variant.setdefault(device.variant, []).append(device)
         share = rollout.quality_sample_share
+        for variant, group in by_variant.items():
+            section = model_section(
+                rollout.model_name,
+                rollout.version,
+                registry.resolve_variant(session, rollout.model_name, rollout.version, variant),
+            )
 
-        def change(current: dict[str, Any]) -> dict[str, Any]:
-            return {**current, MODEL_POLICY_KEY: section, QUALITY_SAMPLE_SHARE_KEY: share}
+            def change(
+                current: dict[str, Any], section: dict[str, Any] = section
+            ) -> dict[str, Any]:
+                return {**current, MODEL_POLICY_KEY: section, QUALITY_SAMPLE_SHARE_KEY: share}
 
-        generation = self._publish(session, device, change, now)
-        if generation is not None:
-            self._assigned(session, device, generation, now)
+            sent = self._bridge.amend_desired_many([d.device_id for d in group], change)
+            for device in group:
+                result = sent[device.device_id]
+                if isinstance(result, DesiredNotPublished):  # stored; republished on connect
+                    logger.warning(
+                        "rollout assignment not yet published", extra={"detail": str(result)}
+                    )
+                    result = result.generation
+                if isinstance(result, int):
+                    self._assigned(session, device, result, now)
+                else:
+                    device.state = DevState.FAILED
+                    device.reason = str(result)
+                    device.updated_at = now
+                    session.add(device)
 
     def _assigned(
         self, session: Session, device: RolloutDevice, generation: int, now: datetime
@@ -776,7 +804,6 @@ class RolloutEngine:
         device.state = DevState.INSTALLING
         device.updated_at = now
         session.add(device)
-        session.commit()
 
     def _publish(
         self,

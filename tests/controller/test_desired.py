@@ -135,3 +135,22 @@ def test_metrics_are_per_app(make_controller: Callable[..., Controller], tmp_pat
     assert "spillway_mqtt_connects_total 1.0" in text
     assert "spillway_devices" in text and "spillway_mqtt_rejected_total" in text
     assert two.metric("spillway_mqtt_connects_total") == 1
+
+
+def test_many_devices_are_amended_in_one_go_and_each_published(
+    controller: Controller, broker: MosquittoBroker, agents: Callable[..., SimAgent]
+) -> None:
+    for device_id in ("dev-m1", "dev-m2"):
+        agents(device_id).hello()
+    assert wait_for(lambda: controller.has_device("dev-m2", status="online"))
+    controller.http.put("/api/v1/devices/dev-m1/desired", json={"policy": {"keep": 1}})
+
+    sent = controller.bridge.amend_desired_many(
+        ["dev-m1", "dev-m2", "nobody"], lambda current: {**current, "model": "m"}
+    )
+    assert sent["dev-m1"] == 2 and sent["dev-m2"] == 1
+    assert "nobody" in str(sent["nobody"]) and not isinstance(sent["nobody"], int)
+    body = controller.http.get("/api/v1/devices/dev-m1").json()
+    assert body["desired"]["policy"] == {"keep": 1, "model": "m"}, body
+    topic = agents("dev-m2").topic(DeviceChannel.DESIRED)
+    assert _retained_generation(broker, topic, "amend-many-reader") == 1
