@@ -38,16 +38,26 @@ def amend(
     row = session.exec(
         select(DeviceDesired).where(col(DeviceDesired.device_id) == device_id).with_for_update()
     ).first()
-    policy = change(dict(row.policy) if row is not None else {})
-    if row is None:
-        row = DeviceDesired(device_id=device_id, generation=1, policy=policy, updated_at=now)
-    else:
-        row.generation += 1
-        row.policy = policy
-        row.updated_at = now
+    row = _next_generation(device_id, row, change, now)
     session.add(row)
     session.commit()
     session.refresh(row)
+    return row
+
+
+def _next_generation(
+    device_id: str,
+    row: DeviceDesired | None,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    now: datetime,
+) -> DeviceDesired:
+    """``row`` (or a first one) holding ``change(current policy)`` as the next generation."""
+    policy = change(dict(row.policy) if row is not None else {})
+    if row is None:
+        return DeviceDesired(device_id=device_id, generation=1, policy=policy, updated_at=now)
+    row.generation += 1
+    row.policy = policy
+    row.updated_at = now
     return row
 
 
@@ -73,14 +83,7 @@ def amend_many(
     for device_id in device_ids:
         if device_id not in known:
             continue
-        row = current.get(device_id)
-        policy = change(dict(row.policy) if row is not None else {})
-        if row is None:
-            row = DeviceDesired(device_id=device_id, generation=1, policy=policy, updated_at=now)
-        else:
-            row.generation += 1
-            row.policy = policy
-            row.updated_at = now
+        row = _next_generation(device_id, current.get(device_id), change, now)
         session.add(row)
         rows.append(row)
     session.commit()

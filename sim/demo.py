@@ -60,6 +60,7 @@ from sim.demo_traffic import (
 )
 from sim.processes import ADMIN_TOKEN_ENV, ChildProcess, bearer, new_admin_token
 from sim.profiles import PROFILES, profile_for
+from sim.registration import upload_variant
 from sim.traces import bursts, poisson
 
 logger = logging.getLogger(__name__)
@@ -289,23 +290,8 @@ def build_models(model_dir: Path, eval_sentences: int, log: Path) -> dict[str, A
 
 
 def _upload(http: httpx.Client, variant_dir: Path, log: Path) -> dict[str, Any]:
-    with (
-        (variant_dir / "model.onnx").open("rb") as artifact,
-        (variant_dir / "tokenizer.json").open("rb") as tokenizer,
-    ):
-        response = http.post(
-            f"/api/v1/models/{MODEL_NAME}/versions",
-            files={
-                "manifest": (
-                    "manifest.json",
-                    (variant_dir / "manifest.json").read_bytes(),
-                    "application/json",
-                ),
-                "artifact": ("artifact", artifact, "application/octet-stream"),
-                "tokenizer": ("tokenizer.json", tokenizer, "application/json"),
-            },
-            timeout=120,
-        )
+    manifest = (variant_dir / "manifest.json").read_bytes()
+    response = upload_variant(http, variant_dir, manifest, model=MODEL_NAME)
     body: dict[str, Any] = _ok(response, f"registering {variant_dir.name}", log)
     return body
 

@@ -28,26 +28,31 @@ def resigned_manifest(variant_dir: Path, key: SigningKey) -> bytes:
     return sign(Manifest.model_validate(body), key).model_dump_json().encode()
 
 
-def register_variant(
-    http: httpx.Client, variant_dir: Path, key: SigningKey, *, model: str = MINILM
-) -> str:
-    """Upload an ONNX variant (model, tokenizer, manifest); returns the registered version.
-    ``httpx.HTTPStatusError`` if the controller refuses it."""
+def upload_variant(
+    http: httpx.Client, variant_dir: Path, manifest: bytes, *, model: str = MINILM
+) -> httpx.Response:
+    """``POST /api/v1/models/{model}/versions`` of an ONNX variant (model, tokenizer and
+    ``manifest``); the controller's answer, whatever it is."""
     with (
         (variant_dir / "model.onnx").open("rb") as artifact,
         (variant_dir / "tokenizer.json").open("rb") as tokenizer,
     ):
-        response = http.post(
+        return http.post(
             f"/api/v1/models/{model}/versions",
             files={
-                "manifest": (
-                    "manifest.json",
-                    resigned_manifest(variant_dir, key),
-                    "application/json",
-                ),
+                "manifest": ("manifest.json", manifest, "application/json"),
                 "artifact": ("artifact", artifact, "application/octet-stream"),
                 "tokenizer": ("tokenizer.json", tokenizer, "application/json"),
             },
+            timeout=120,
         )
+
+
+def register_variant(
+    http: httpx.Client, variant_dir: Path, key: SigningKey, *, model: str = MINILM
+) -> str:
+    """Upload a variant re-signed by ``key``; returns the registered version.
+    ``httpx.HTTPStatusError`` if the controller refuses it."""
+    response = upload_variant(http, variant_dir, resigned_manifest(variant_dir, key), model=model)
     response.raise_for_status()
     return str(response.json()["version"])
