@@ -108,10 +108,13 @@ class DemoSettings:
     edge), then 4 clients through the controller's ``POST /api/v1/embed`` (the pool)."""
     base_factor: float = 0.4
     """Steady rate as a multiple of the fleet's measured edge capacity."""
-    edge_slo_ms: float = 1000.0
+    edge_slo_ms: float = 500.0
     """The agents' latency objective: their overflow policy offloads a request whose predicted
-    local wait would miss it. Generous, so a small shared host serves the steady load at the
-    edge and only the burst overflows."""
+    local wait would miss it. Well above a steady-load wait (tens of ms), so only the burst
+    overflows, and well below ``deadline_ms``, so it overflows before answers get late."""
+    deadline_ms: float = 2000.0
+    """Every traffic request's deadline; the rollout's p95 gate and the light traffic's
+    deadlines are 1.5x it."""
     keep_running: bool = False
     """After the summary, keep everything up (with light traffic) until Ctrl-C."""
     split_cpus: bool = True
@@ -603,7 +606,7 @@ class _Demo:
             "gates": {
                 "max_error_rate": 0.02,
                 "min_requests": 3,
-                "max_p95_latency_ms": 3 * self.settings.edge_slo_ms,
+                "max_p95_latency_ms": 1.5 * self.settings.deadline_ms,
                 # Off: agents report offload_ratio since their start, not since the new
                 # version went active, so overflow before the rollout would count against it.
                 "max_offload_rate": None,
@@ -637,7 +640,7 @@ class _Demo:
         trace = poisson(
             rate,
             duration_s=self.settings.rollout_timeout_s,
-            slo_ms=3 * self.settings.edge_slo_ms,
+            slo_ms=1.5 * self.settings.deadline_ms,
             seed=7,
         )
         thread = threading.Thread(
@@ -736,7 +739,7 @@ class _Demo:
             burst_s=burst_s,
             period_s=max(d, burst_s),
             duration_s=d,
-            slo_ms=2 * self.settings.edge_slo_ms,
+            slo_ms=self.settings.deadline_ms,
             first_burst_s=first_burst_s,
             seed=11,
         )
@@ -804,7 +807,7 @@ class _Demo:
         trace = poisson(
             1.0 * len(self.ids),
             duration_s=7 * 24 * 3600.0,
-            slo_ms=3 * self.settings.edge_slo_ms,
+            slo_ms=1.5 * self.settings.deadline_ms,
             seed=13,
         )
         thread = threading.Thread(
