@@ -52,8 +52,7 @@ class SocketLoop:
         if self._client.want_write():
             events |= selectors.EVENT_WRITE
         if sock is not self._sock:
-            if self._sock is not None:
-                self._selector.unregister(self._sock)
+            self._forget()
             self._selector.register(sock, events)
             self._sock = sock
         elif events != self._events:
@@ -61,8 +60,10 @@ class SocketLoop:
         self._events = events
 
     def _forget(self) -> None:
+        """Stop watching the previous socket (it may be closed by now)."""
         if self._sock is not None:
-            self._selector.unregister(self._sock)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(self._sock)
             self._sock = None
 
     def run_once(self, timeout_s: float) -> paho.MQTTErrorCode:

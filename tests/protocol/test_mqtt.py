@@ -247,3 +247,14 @@ def test_works_when_its_socket_is_numbered_above_1023(
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_socket_closed_under_the_loop_is_a_lost_link_not_a_dead_thread(
+    clients: Callable[..., MqttClient],
+) -> None:
+    client = clients("closed-under")
+    sock = client._client.socket()
+    assert sock is not None
+    sock.close()  # as if the kernel had dropped it between two waits
+    assert wait_for(lambda: client.connects >= 2, timeout_s=10)  # reconnected
+    assert client._thread is not None and client._thread.is_alive()
