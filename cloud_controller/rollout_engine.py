@@ -783,19 +783,29 @@ class RolloutEngine:
 
             sent = self._bridge.amend_desired_many([d.device_id for d in group], change)
             for device in group:
-                result = sent[device.device_id]
-                if isinstance(result, DesiredNotPublished):  # stored; republished on connect
-                    logger.warning(
-                        "rollout assignment not yet published", extra={"detail": str(result)}
-                    )
-                    result = result.generation
-                if isinstance(result, int):
-                    self._assigned(session, device, result, now)
-                else:
-                    device.state = DevState.FAILED
-                    device.reason = str(result)
-                    device.updated_at = now
-                    session.add(device)
+                generation = self._generation(session, device, sent[device.device_id], now)
+                if generation is not None:
+                    self._assigned(session, device, generation, now)
+
+    def _generation(
+        self,
+        session: Session,
+        device: RolloutDevice,
+        result: int | ControllerError,
+        now: datetime,
+    ) -> int | None:
+        """The generation a device was sent (stored but not yet published counts: it is
+        republished on the next connect); None, with the device failed, when it is gone."""
+        if isinstance(result, DesiredNotPublished):
+            logger.warning("rollout assignment not yet published", extra={"detail": str(result)})
+            return result.generation
+        if isinstance(result, int):
+            return result
+        device.state = DevState.FAILED
+        device.reason = str(result)
+        device.updated_at = now
+        session.add(device)
+        return None
 
     def _assigned(
         self, session: Session, device: RolloutDevice, generation: int, now: datetime
@@ -812,18 +822,11 @@ class RolloutEngine:
         change: Any,
         now: datetime,
     ) -> int | None:
-        try:
-            return self._bridge.amend_desired(device.device_id, change)
-        except DesiredNotPublished as exc:  # stored; republished on the next connect
-            logger.warning("rollout assignment not yet published", extra={"detail": str(exc)})
-            return exc.generation
-        except DeviceNotFound as exc:
-            device.state = DevState.FAILED
-            device.reason = str(exc)
-            device.updated_at = now
-            session.add(device)
+        sent = self._bridge.amend_desired_many([device.device_id], change)
+        generation = self._generation(session, device, sent[device.device_id], now)
+        if generation is None:
             session.commit()
-            return None
+        return generation
 
     # -- rollback ------------------------------------------------------------------------------
 

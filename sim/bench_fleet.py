@@ -423,9 +423,8 @@ def run_fleet_bench(
         )
     else:
         how = "Desired-state convergence (one PUT per device, all PUTs timed as the request)"
-    _fill(
-        report, options, controller.database, ramp_s, samples, latencies, (how, convergence), final
-    )
+    _fill(report, options, controller.database, ramp_s, samples, latencies, final)
+    _fill_convergence(report, how, convergence)
     return report
 
 
@@ -436,10 +435,8 @@ def _fill(
     ramp_s: float,
     samples: list[dict[str, float]],
     latencies: list[float],
-    converged: tuple[str, list[dict[str, Any]]],
     final: dict[str, float],
 ) -> None:
-    how, convergence = converged
     times = [s["t_s"] for s in samples]
     pending = [s["pending"] for s in samples]
     span = times[-1] if times else 1.0
@@ -486,11 +483,6 @@ def _fill(
             },
         ],
     )
-    report.table(
-        how,
-        ["agents", "request s", "converged s", "after the request s", "converged"],
-        convergence,
-    )
     report.ratio("REST p99 ms under load", p99, target=REST_P99_TARGET_MS, higher_is_better=False)
     report.ratio("applied / sent", applied_rate / sent_rate if sent_rate else 0.0, target=0.95)
     report.series(
@@ -536,11 +528,16 @@ def _fill(
             "options": {k: str(v) for k, v in options.__dict__.items()},
             "samples": samples,
             "rest_latencies_ms": latencies,
-            "convergence": convergence,
-            "convergence_by": how,
             "fleet_totals": final,
         }
     )
+
+
+def _fill_convergence(report: BenchReport, how: str, convergence: list[dict[str, Any]]) -> None:
+    report.table(
+        how, ["agents", "request s", "converged s", "after the request s", "converged"], convergence
+    )
+    report.data.update({"convergence": convergence, "convergence_by": how})
 
 
 def bench_fleet(
